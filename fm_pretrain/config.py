@@ -1,0 +1,338 @@
+"""Typed experiment configuration: one YAML per experiment, validated on load, CLI overrides.
+
+Every section is a dataclass. Loading is strict: an unknown key, a wrong type or an out-of-range value
+raises ConfigError naming the dotted key (and the file) so typos never silently fall back to defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+MIXERS = ("fm", "attention", "mamba2")
+
+
+@dataclass
+class FMConfig:
+    """Factorization Memory mixer (FM_SPEC.md). Every OPEN point of the spec is an option here."""
+
+    n_heads: int = 4
+    n_memories: int = 64  # m: memory rows per head
+    d_mem: int = 64  # width of each memory row
+    top_k: int | None = None  # None or == n_memories: dense variant; else sparse top-k routing
+    tau: float = 1.0  # router softmax temperature (OPEN; the paper grid-searches it)
+    rate_per_row: bool = True  # OPEN: eta/mu one rate per row (True) or one scalar per head (False)
+    output_gate: bool = False  # OPEN: SiLU output gate before W_o
+    aux_loss_weight: float = 0.0  # OPEN: Switch-style load-balancing loss (MoM uses 0.01); off per paper
+    rate_bias_init: float = 0.0  # initial b_eta and b_mu (sigma(0) = 0.5)
+    chunk_size: int = 64  # chunk length of the parallel (chunked) path
+    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on GPU when available, else torch
+
+
+@dataclass
+class AttentionConfig:
+    """Causal softmax attention with RoPE (the LLaMA baseline)."""
+
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba-2 mixer (chunked SSD)."""
+
+    d_state: int = 64  # N
+    head_dim: int = 64  # P
+    expand: int = 2  # d_inner = expand * d_model
+    n_groups: int = 1  # B/C groups shared by heads
+    d_conv: int = 4  # depthwise causal convolution width
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8000  # overwritten by the tokenizer's size when data.tokenizer is set
+    d_model: int = 256
+    n_layers: int = 4
+    # One entry per layer or a repeating pattern, e.g. ["fm"], ["fm", "fm", "attention"].
+    layer_pattern: list[str] = field(default_factory=lambda: ["fm"])
+    mlp_hidden: int | None = None  # None: SwiGLU width 8/3 * d_model rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 2048  # used for RoPE caches and generation limits
+    fm: FMConfig = field(default_factory=FMConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+
+    def mixer_of_layer(self, i: int) -> str:
+        return self.layer_pattern[i % len(self.layer_pattern)]
+
+    @property
+    def model_type(self) -> str:
+        kinds = sorted(set(self.layer_pattern))
+        return kinds[0] if len(kinds) == 1 else "hybrid-" + "+".join(kinds)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # directory written by data_prep/pack.py
+    tokenizer: str = ""  # sentencepiece .model (logged as an artifact, hash checked against the data)
+    seq_len: int = 256
+    seed: int = 1234
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # WSD: fraction of total steps spent in the final decay
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 4  # sequences per rank per micro-step
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    ds_config: str = "ds_configs/zero1.json"  # ZeRO stage and engine options; batch/clip/precision filled in
+    run_dir: str = "runs/default"
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    resume: bool = True  # resume from run_dir/checkpoints/latest when present
+    seed: int = 42
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: sqlite file in run_dir (MLFLOW_TRACKING_URI overrides both)
+    experiment: str = "fm-pretrain"
+    run_name: str | None = None
+    size: str = ""  # free-text size tag, e.g. "125m", "1b"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown key '{where}' (allowed in {prefix or 'top level'}: {sorted(names)})")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _parse_override_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node[parts[-1]] = _parse_override_value(text)
+    return raw
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks; each error names the key."""
+    m = cfg.model
+    for i, name in enumerate(m.layer_pattern):
+        if name not in MIXERS:
+            raise ConfigError(
+                f"model.layer_pattern[{i}]: unknown mixer '{name}' (choose from {list(MIXERS)})"
+            )
+    if not m.layer_pattern:
+        raise ConfigError("model.layer_pattern: must name at least one mixer")
+    positives = {
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.fm.n_heads": m.fm.n_heads,
+        "model.fm.n_memories": m.fm.n_memories,
+        "model.fm.d_mem": m.fm.d_mem,
+        "model.fm.chunk_size": m.fm.chunk_size,
+        "model.attention.n_heads": m.attention.n_heads,
+        "model.mamba2.d_state": m.mamba2.d_state,
+        "model.mamba2.head_dim": m.mamba2.head_dim,
+        "model.mamba2.chunk_size": m.mamba2.chunk_size,
+        "data.seq_len": cfg.data.seq_len,
+        "train.steps": cfg.train.steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.eval_every": cfg.train.eval_every,
+        "train.save_every": cfg.train.save_every,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+    }
+    for key, val in positives.items():
+        if val <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {val}")
+    fm = m.fm
+    if fm.top_k is not None and not 1 <= fm.top_k <= fm.n_memories:
+        raise ConfigError(f"model.fm.top_k: must be in [1, n_memories={fm.n_memories}], got {fm.top_k}")
+    if fm.tau <= 0:
+        raise ConfigError(f"model.fm.tau: must be > 0, got {fm.tau}")
+    if "attention" in m.layer_pattern:
+        a = m.attention
+        if m.d_model % a.n_heads:
+            raise ConfigError(f"model.attention.n_heads: {a.n_heads} does not divide d_model={m.d_model}")
+        if a.n_kv_heads is not None and a.n_heads % a.n_kv_heads:
+            raise ConfigError(
+                f"model.attention.n_kv_heads: {a.n_kv_heads} does not divide n_heads={a.n_heads}"
+            )
+    if "mamba2" in m.layer_pattern:
+        mb = m.mamba2
+        if (mb.expand * m.d_model) % mb.head_dim:
+            raise ConfigError(
+                f"model.mamba2.head_dim: {mb.head_dim} does not divide expand*d_model={mb.expand * m.d_model}"
+            )
+    o = cfg.optim
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    return cfg
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return validate(_from_dict(ExperimentConfig, raw or {}))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment file, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, str(path))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used to log the resolved config as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,37 @@
+"""Single-token FM updates for decoding, with the state (B, H, m, d_mem) kept by the caller.
+
+The sparse step touches only the k selected rows: it gathers them, updates them and scatters them back,
+so its cost is O(k d_mem) per head, independent of m.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fm_step(
+    state: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor, xbar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense step. state (B, H, m, d); theta, phi (B, H, m); xbar (B, H, d). Returns (r, new_state)."""
+    dt = state.dtype
+    w = theta.to(dt).unsqueeze(-1)
+    new_state = (1 - w) * state + w * xbar.to(dt).unsqueeze(-2)
+    r = torch.einsum("bhm,bhmd->bhd", phi.to(dt), new_state)
+    return r.to(xbar.dtype), new_state
+
+
+def fm_step_sparse(
+    state: torch.Tensor, rows: torch.Tensor, theta_k: torch.Tensor, phi_k: torch.Tensor, xbar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse step on k rows. rows (B, H, k) long; theta_k, phi_k (B, H, k); xbar (B, H, d).
+
+    Updates `state` in place (only the k rows are written) and returns (r, state).
+    """
+    dt = state.dtype
+    idx = rows.unsqueeze(-1).expand(*rows.shape, state.shape[-1])
+    sel = state.gather(2, idx)  # (B, H, k, d)
+    w = theta_k.to(dt).unsqueeze(-1)
+    sel = (1 - w) * sel + w * xbar.to(dt).unsqueeze(-2)
+    state.scatter_(2, idx, sel)
+    r = torch.einsum("bhk,bhkd->bhd", phi_k.to(dt), sel)
+    return r.to(xbar.dtype), state

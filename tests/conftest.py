@@ -1,0 +1,37 @@
+"""Shared test setup: offline Hugging Face, quiet MLflow, CPU DeepSpeed, and the repo/shared paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_DATA = REPO / "data" / "tiny"
+
+
+@pytest.fixture
+def shared_corpus() -> Path:
+    path = SHARED_DATA / "corpus"
+    if not path.is_dir():
+        pytest.skip(
+            f"../shared/data/corpus is not present next to the repo ({path}); skipping the real-corpus test"
+        )
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
