@@ -40,7 +40,7 @@ def chunk_gated_recurrence(
     """
     B, H, T, K = q.shape
     V = v.shape[-1]
-    dt = state_dtype(q)
+    out_dtype, dt = q.dtype, state_dtype(q)
     scalar = g.dim() == 3
     C = min(chunk_size, T)
     pad = (-T) % C
@@ -95,12 +95,8 @@ def chunk_gated_recurrence(
 
     # Inter-chunk: tokens still in the document that was open before the chunk read the carried state.
     sees_prev = (segc == seg_prev).to(dt)  # (B, 1, N, C)
-    q_dec = (
-        qc * (torch.exp(gc) * sees_prev).unsqueeze(-1)
-        if scalar
-        else qc * torch.exp(gc) * sees_prev[..., None]
-    )
+    q_dec = qc * (torch.exp(gc) * sees_prev).unsqueeze(-1) if scalar else qc * torch.exp(gc) * sees_prev[..., None]
     o = o + torch.einsum("bhntk,bhnkv->bhntv", q_dec, s_in)
 
-    o = o.reshape(B, H, N * C, V)[:, :, :T]
+    o = o.reshape(B, H, N * C, V)[:, :, :T].to(out_dtype)
     return o, (state if output_final_state else None)

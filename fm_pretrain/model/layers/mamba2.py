@@ -1,0 +1,135 @@
+"""Mamba-2 mixer (the SSM baseline): in_proj -> causal depthwise conv -> chunked SSD -> gated RMSNorm -> out_proj.
+
+Follows the reference Mamba-2 block (mamba_ssm.modules.mamba2_simple) without its fused kernels. Packed
+sequences: the convolution never reads a token of another document and the SSD state restarts at every
+document start, so a packed document computes exactly what it would alone.
+
+Generation cache (one dict per layer): "conv" (B, d_conv - 1, conv_dim) holds the last inputs of the
+convolution, "ssm" (B, H, N, P) the fp32 SSD state.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fm_kernels.gated import state_dtype
+from fm_kernels.ssd import ssd_chunked, ssd_step
+from fm_pretrain.config import Mamba2Config
+from fm_pretrain.model.layers.rope import positions_from_doc_ids
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) over groups of `group_size` channels, in fp32.
+
+    Gate before the norm, as Mamba-2 does by default (norm_before_gate=False); one group per B/C group.
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        if dim % group_size:
+            raise ValueError(f"group_size={group_size} must divide dim={dim}")
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u = y.float() * F.silu(z.float())
+        u = u.unflatten(-1, (-1, self.group_size))
+        u = (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (u * self.weight.float()).to(y.dtype)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int, norm_eps: float):
+        super().__init__()
+        d_inner = cfg.expand * d_model
+        if d_inner % cfg.head_dim:
+            raise ValueError(f"head_dim={cfg.head_dim} must divide expand * d_model = {d_inner}")
+        self.layer_idx = layer_idx
+        self.d_inner = d_inner
+        self.head_dim = cfg.head_dim
+        self.n_heads = d_inner // cfg.head_dim
+        self.n_groups = cfg.n_groups
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.chunk_size = cfg.chunk_size
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"n_groups={self.n_groups} must divide n_heads={self.n_heads}")
+        self.conv_dim = d_inner + 2 * self.n_groups * self.d_state
+
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + self.n_heads, bias=False)  # z, xBC, dt
+        # Holds the depthwise weights (C, 1, d_conv) and bias; _conv applies them with document masking.
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(d_inner, d_inner // self.n_groups, norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # mamba_ssm's marker: these are not weights to shrink
+        self.reset_ssm_parameters(cfg.dt_min, cfg.dt_max)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float, dt_max: float) -> None:
+        """softplus(dt_bias) log-uniform in [dt_min, dt_max]; A = -exp(A_log) uniform in [-16, -1]; D = 1."""
+        u = torch.rand(self.n_heads, device=self.dt_bias.device, dtype=torch.float64)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.empty_like(dt).uniform_(1.0, 16.0).log())
+        self.D.fill_(1.0)
+
+    def _conv(self, xBC: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None) -> torch.Tensor:
+        """Causal depthwise conv over time; tap s (s tokens back) is dropped where that token belongs to an
+        earlier document. With a cache, the window continues from the stored last d_conv - 1 inputs."""
+        B, T, C = xBC.shape
+        w = self.d_conv
+        if cache is not None:
+            past = cache.get("conv")
+            if past is None:
+                past = xBC.new_zeros(B, w - 1, C)
+            xpad = torch.cat([past.to(xBC.dtype), xBC], dim=1)
+            cache["conv"] = xpad[:, T:]
+        else:
+            xpad = F.pad(xBC, (0, 0, w - 1, 0))
+        pos = None if doc_ids is None else positions_from_doc_ids(doc_ids)[..., None]
+        weight = self.conv1d.weight[:, 0]  # (C, w): tap w-1 multiplies the current token
+        out = xBC * weight[:, w - 1] + self.conv1d.bias
+        for s in range(1, w):
+            src = xpad[:, w - 1 - s : w - 1 - s + T]
+            if pos is not None:
+                src = src * (pos >= s).to(src.dtype)  # the token s back lies in the same document
+            out = out + src * weight[:, w - 1 - s]
+        return out
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        if cache is not None and doc_ids is not None:
+            raise ValueError("generation with a cache handles one document per row: pass doc_ids=None")
+        Bsz, T, _ = x.shape
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        xBC = F.silu(self._conv(xBC, doc_ids, cache))
+        xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        xs, Bm, Cm = xs.view(Bsz, T, H, P), Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
+        # Discretisation parameters in fp32 whatever the compute dtype (as the reference kernels do).
+        work = state_dtype(x)
+        dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
+        A = -torch.exp(self.A_log.to(work))
+
+        if cache is not None and T == 1:  # one decoding step: O(1) state update
+            state = cache.get("ssm")
+            if state is None:
+                state = x.new_zeros(Bsz, H, N, P, dtype=work)
+            y, cache["ssm"] = ssd_step(state, xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D)
+            y = y[:, None]
+        else:
+            y, final = ssd_chunked(
+                xs, dt, A, Bm, Cm, self.D, doc_ids,
+                initial_state=None if cache is None else cache.get("ssm"),
+                output_final_state=cache is not None,
+                chunk_size=self.chunk_size,
+            )  # fmt: skip
+            if cache is not None:
+                cache["ssm"] = final
+        return self.out_proj(self.norm(y.reshape(Bsz, T, self.d_inner), z))
