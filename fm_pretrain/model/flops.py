@@ -1,0 +1,52 @@
+"""Training FLOPs per token, aware of each mixer's recurrence (for tokens/s -> MFU).
+
+Counted as 3x the forward (forward + backward), with 2 FLOPs per multiply-add:
+- every nn.Linear weight (projections, MLP, LM head): 2 * in * out per token;
+- attention: QK^T and AV over on average seq_len / 2 causal keys: 2 * 2 * d_head * n_heads * seq_len / 2;
+- FM: per head, write and read of the rows a token touches: 2 * 2 * rows * d_mem (rows = k sparse, m dense);
+- Mamba-2: per head, state update and read: 2 * 2 * d_state * head_dim.
+The chunked algorithms do more work than these algorithmic counts; MFU reports useful work only.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+PEAK_TFLOPS = {  # dense tensor-core peaks per device, (bf16, tf32)
+    "H100": (989.0, 494.0),
+    "H200": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+}
+
+
+def recurrence_flops_forward(model: nn.Module, seq_len: int) -> float:
+    cfg = model.cfg
+    total = 0.0
+    for i in range(cfg.n_layers):
+        kind = cfg.mixer_of_layer(i)
+        if kind == "attention":
+            total += 2 * cfg.d_model * seq_len  # (2 matmuls * 2 FLOPs * seq_len/2) * n_heads * d_head
+        elif kind == "fm":
+            f = cfg.fm
+            rows = f.top_k if f.top_k is not None else f.n_memories
+            total += 4 * f.n_heads * rows * f.d_mem
+        elif kind == "mamba2":
+            mb = cfg.mamba2
+            n_heads = mb.expand * cfg.d_model // mb.head_dim
+            total += 4 * n_heads * mb.d_state * mb.head_dim
+    return total
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 3 * (2 * linear + recurrence_flops_forward(model, seq_len))
+
+
+def peak_flops_per_device(device_name: str, precision: str, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else a lookup by GPU name; None when unknown."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in device_name:
+            return (bf16 if precision == "bf16" else tf32) * 1e12
+    return None
