@@ -16,6 +16,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)
 
 import argparse
+import json
 import logging
 import math
 import time
@@ -30,7 +31,8 @@ import deepspeed
 import torch.distributed as dist
 import yaml
 
-from fm_pretrain.config import ExperimentConfig, load_config, to_dict
+from fm_pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
+from fm_pretrain.data import DataError
 from fm_pretrain.data.packed import GlobalSampler, PackedDataset, micro_batches
 from fm_pretrain.data.tokenizer import Tokenizer
 from fm_pretrain.model import DecoderLM
@@ -92,6 +94,12 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> float:
     t = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t[0] / t[1])
+
+
+def append_metrics(path: Path, step: int, metrics: dict) -> None:
+    """metrics.jsonl in the run dir: one line per logged step, readable without MLflow."""
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- training loop (the tracker ends the MLflow run as FAILED or KILLED if anything raises) ----
     with tracker:
+        if step == 0:  # the untrained model's validation loss: where the curve starts
+            val0 = evaluate(engine, valid_batches, device)
+            tracker.log_metrics({"val/loss": val0}, 0)
+            if rank == 0:
+                append_metrics(run_dir / "metrics.jsonl", 0, {"val/loss": val0})
+            log.info("step 0  validation loss %.4f", val0)
         engine.train()
         tokens_per_step = global_batch * cfg.data.seq_len
         t_last, steps_since_log, losses_since_log = time.perf_counter(), 0, []
@@ -218,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 if peak is not None:
                     metrics["perf/mfu"] = tok_s * flops_per_token / (peak * world)
                 tracker.log_metrics(metrics, step)
+                if rank == 0:
+                    append_metrics(run_dir / "metrics.jsonl", step, metrics)
                 log.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s",
                     step,
@@ -231,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 val = evaluate(engine, valid_batches, device)
-                tracker.log_metrics({"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}, step)
+                val_metrics = {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}
+                tracker.log_metrics(val_metrics, step)
+                if rank == 0:
+                    append_metrics(run_dir / "metrics.jsonl", step, val_metrics)
                 log.info("step %d  validation loss %.4f", step, val)
 
             if step % cfg.train.save_every == 0 or step == cfg.train.steps:
@@ -251,4 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
