@@ -185,6 +185,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, key)
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what parses as a number
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -242,9 +247,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     m = cfg.model
     for i, name in enumerate(m.layer_pattern):
         if name not in MIXERS:
-            raise ConfigError(
-                f"model.layer_pattern[{i}]: unknown mixer '{name}' (choose from {list(MIXERS)})"
-            )
+            raise ConfigError(f"model.layer_pattern[{i}]: unknown mixer '{name}' (choose from {list(MIXERS)})")
     if not m.layer_pattern:
         raise ConfigError("model.layer_pattern: must name at least one mixer")
     positives = {
@@ -281,9 +284,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if m.d_model % a.n_heads:
             raise ConfigError(f"model.attention.n_heads: {a.n_heads} does not divide d_model={m.d_model}")
         if a.n_kv_heads is not None and a.n_heads % a.n_kv_heads:
-            raise ConfigError(
-                f"model.attention.n_kv_heads: {a.n_kv_heads} does not divide n_heads={a.n_heads}"
-            )
+            raise ConfigError(f"model.attention.n_kv_heads: {a.n_kv_heads} does not divide n_heads={a.n_heads}")
     if "mamba2" in m.layer_pattern:
         mb = m.mamba2
         if (mb.expand * m.d_model) % mb.head_dim:
