@@ -80,9 +80,7 @@ def test_step_continues_chunked_state():
     gen = torch.Generator().manual_seed(5)
     q, k, v, g = make_inputs(2, 2, 12, 4, 4, False, torch.float64, gen)
     o_full, _ = naive_gated_recurrence(q, k, v, g)
-    _, state = chunk_gated_recurrence(
-        q[:, :, :8], k[:, :, :8], v[:, :, :8], g[:, :, :8], output_final_state=True
-    )
+    _, state = chunk_gated_recurrence(q[:, :, :8], k[:, :, :8], v[:, :, :8], g[:, :, :8], output_final_state=True)
     for t in range(8, 12):
         o_t, state = gated_recurrence_step(state, q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t])
         torch.testing.assert_close(o_t, o_full[:, :, t], rtol=1e-10, atol=1e-10)

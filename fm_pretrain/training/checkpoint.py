@@ -27,9 +27,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     """Delete all but the newest `keep_last` step_N directories; never the one `latest` points to."""
     current = latest_tag(ckpt_dir)
-    tags = sorted(
-        (int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))
-    )
+    tags = sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name)))
     removed = []
     for _, name in tags[:-keep_last] if keep_last > 0 else tags:
         if name != current:
