@@ -65,7 +65,7 @@ class Mamba2Config:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8000  # overwritten by the tokenizer's size when data.tokenizer is set
+    vocab_size: int = 8000  # replaced at train time by the packed data's vocab size (meta.json)
     d_model: int = 256
     n_layers: int = 4
     # One entry per layer or a repeating pattern, e.g. ["fm"], ["fm", "fm", "attention"].
@@ -94,7 +94,6 @@ class DataConfig:
     tokenizer: str = ""  # sentencepiece .model (logged as an artifact, hash checked against the data)
     seq_len: int = 256
     seed: int = 1234
-    num_workers: int = 0
 
 
 @dataclass

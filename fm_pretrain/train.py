@@ -31,6 +31,7 @@ import deepspeed
 import torch.distributed as dist
 import yaml
 
+from fm_kernels.fm import resolve_backend
 from fm_pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
 from fm_pretrain.data import DataError
 from fm_pretrain.data.packed import GlobalSampler, PackedDataset, micro_batches
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     valid_batches = micro_batches(valid_ds, valid_sampler, 0, n_valid, cfg.train.micro_batch_size, rank, world)
 
     # ---- model, optimizer, schedule, DeepSpeed engine ----
+    if "fm" in cfg.model.layer_pattern:
+        try:  # fail here, naming the key, rather than at the first forward
+            resolve_backend(cfg.model.fm.backend, device)
+        except (NotImplementedError, ValueError) as e:
+            raise ConfigError(f"model.fm.backend: {e}") from None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = DecoderLM(cfg.model)
     optimizer = torch.optim.AdamW(
@@ -204,19 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         t_last, steps_since_log, losses_since_log = time.perf_counter(), 0, []
         while step < cfg.train.steps:
             batches = micro_batches(train_ds, sampler, consumed, global_batch, cfg.train.micro_batch_size, rank, world)
-            step_loss = 0.0
+            step_loss, step_aux = 0.0, 0.0
             for batch in batches:
                 out = engine(**{k: v.to(device) for k, v in batch.items()})
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed applies the update only at the gradient-accumulation boundary
                 step_loss += float(out.lm_loss.detach()) / len(batches)
+                if out.aux_loss is not None:
+                    step_aux += float(out.aux_loss.detach()) / len(batches)
             step += 1
             consumed += global_batch
-            losses_since_log.append(step_loss)
+            losses_since_log.append((step_loss, step_aux))
             steps_since_log += 1
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                (loss,) = all_reduce_mean([sum(losses_since_log) / len(losses_since_log)], device)
+                n_window = len(losses_since_log)
+                loss, aux = all_reduce_mean([sum(x[i] for x in losses_since_log) / n_window for i in (0, 1)], device)
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_per_step * steps_since_log / elapsed
                 metrics = {
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     "perf/step_time_s": elapsed / steps_since_log,
                     "train/consumed_samples": consumed,
                 }
+                if any(b.kind == "fm" for b in model.blocks) and cfg.model.fm.aux_loss_weight > 0:
+                    metrics["train/aux_loss"] = aux  # the balancing loss, already weighted; not part of train/loss
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)

@@ -64,7 +64,7 @@ def series(rows: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def test_zero_stages_give_the_same_fp32_losses(packed, tmp_path):
+def test_zero_stages_give_the_same_fp32_losses_and_bf16_is_close(packed, tmp_path):
     losses = {}
     for stage in (0, 1, 2, 3):
         rows = train(packed, tmp_path / f"zero{stage}", "train.steps=4", "train.eval_every=4",
@@ -76,6 +76,14 @@ def test_zero_stages_give_the_same_fp32_losses(packed, tmp_path):
         got = torch.tensor([losses[stage][s] for s in range(1, 5)], dtype=torch.float64)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} differs from ZeRO-0")
     assert ref[-1] < ref[0], "loss did not move down over 4 steps"
+
+    # bf16 (DeepSpeed bf16 with ZeRO-1; the recurrent state stays fp32) tracks the fp32 run closely.
+    rows = train(packed, tmp_path / "bf16", "train.steps=4", "train.eval_every=4", "train.precision=bf16",
+                 "train.ds_config=ds_configs/zero1.json")  # fmt: skip
+    bf16 = torch.tensor([series(rows, "train/loss")[s] for s in range(1, 5)], dtype=torch.float64)
+    assert torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16, ref, rtol=2e-2, atol=0, msg="bf16 losses stray from fp32")
+    assert not torch.equal(bf16, ref), "the bf16 run computed exactly the fp32 losses: was bf16 applied?"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def triton_available() -> bool:
-    """Triton FM kernels are registered here once they exist (see docs/kernels.md); none are yet."""
+    """Whether Triton FM kernels are built in; none are yet (the chunked PyTorch path serves every device)."""
     return False
 
 
