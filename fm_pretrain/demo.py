@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fm_pretrain.config import load_config
 from fm_pretrain.launch import default_nproc, launch_local
-from fm_pretrain.tracking import default_tracking_uri, ensure_store
+from fm_pretrain.tracking import ensure_store, resolve_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [REPO_ROOT / "data" / "tiny" / "tiny_en.jsonl", REPO_ROOT / "data" / "tiny" / "tiny_ja.jsonl"]
@@ -33,6 +35,26 @@ def read_metrics(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+def prepare_data(data_dir: Path) -> tuple[Path, Path]:
+    """Train the demo tokenizer on the bundled EN+JA corpus and pack it: (data_dir/tokenizer.model, data_dir/packed).
+
+    BPE with 2000 pieces trains in a second on the tiny corpus and covers its Japanese characters.
+    """
+    from data_prep import pack as pack_cli
+    from data_prep import train_tokenizer as tok_cli
+
+    corpus = [str(c) for c in CORPUS]
+    tok_prefix, packed = data_dir / "tokenizer", data_dir / "packed"
+    if tok_cli.main(
+        ["--input", *corpus, "--output-prefix", str(tok_prefix), "--vocab-size", "2000", "--model-type", "bpe"]
+    ):
+        raise RuntimeError("tokenizer training failed (see the error above)")
+    pack_args = ["--input", *corpus, "--tokenizer", f"{tok_prefix}.model", "--output", str(packed)]
+    if pack_cli.main([*pack_args, "--valid-fraction", "0.1", "--no-progress"]):
+        raise RuntimeError("packing failed (see the error above)")
+    return Path(f"{tok_prefix}.model"), packed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
@@ -41,31 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for the training config")
     args = p.parse_args(argv)
 
-    from data_prep import pack as pack_cli
-    from data_prep import train_tokenizer as tok_cli
-
     run_dir = Path(args.run_dir).resolve()
-    data_dir = run_dir / "data"
-    tok_prefix = data_dir / "tokenizer"
     t0 = time.time()
-    print(f"[demo] 1/3 tokenizer and packing -> {data_dir}", flush=True)
-    corpus = [str(c) for c in CORPUS]
-    # BPE with 2000 pieces: trains in a second on the tiny corpus and covers its Japanese characters.
-    if tok_cli.main(
-        ["--input", *corpus, "--output-prefix", str(tok_prefix), "--vocab-size", "2000", "--model-type", "bpe"]
-    ):
-        return 1
-    pack_args = ["--input", *corpus, "--tokenizer", f"{tok_prefix}.model", "--output", str(data_dir / "packed")]
-    if pack_cli.main([*pack_args, "--valid-fraction", "0.1", "--no-progress"]):
-        return 1
+    print(f"[demo] 1/3 tokenizer and packing -> {run_dir / 'data'}", flush=True)
+    tokenizer, packed = prepare_data(run_dir / "data")
 
-    # The MLflow store is created here, once, before the ranks start (two ranks creating sqlite at once fail).
-    uri = default_tracking_uri(run_dir)
-    ensure_store(uri, "fm-pretrain-demo")
     nproc = args.nproc or default_nproc()
     overrides = [
-        f"data.path={data_dir / 'packed'}",
-        f"data.tokenizer={tok_prefix}.model",
+        f"data.path={packed}",
+        f"data.tokenizer={tokenizer}",
         f"train.run_dir={run_dir}",
         f"train.steps={args.steps}",
         f"train.eval_every={max(1, args.steps // 4)}",
@@ -74,15 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if torch.cuda.is_available():
         overrides.append("train.precision=bf16")
+    overrides += args.overrides
+    cfg = load_config(CONFIG, overrides)  # validates the overrides before any rank starts
+    # The MLflow store is created here, once, before the ranks start (two ranks creating sqlite at once fail).
+    uri = resolve_tracking_uri(cfg.tracking, cfg.train.run_dir)
+    ensure_store(uri, cfg.tracking.experiment)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    ckpt = run_dir / "checkpoints"
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a fresh run each time
     device = "GPU" if torch.cuda.is_available() else "CPU"
     print(f"[demo] 2/3 training {args.steps} steps on {nproc} {device} rank(s) (DeepSpeed)", flush=True)
-    result = launch_local(CONFIG, [*overrides, *args.overrides], nproc=nproc)
+    result = launch_local(CONFIG, overrides, nproc=nproc)
     if result.returncode != 0:
         print(f"[demo] training failed with exit code {result.returncode}", file=sys.stderr)
         return result.returncode

@@ -29,6 +29,16 @@ def shared_corpus() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory) -> Path:
+    """The demo's tokenizer and packed data (root/tokenizer.model, root/packed), built once per test session."""
+    from fm_pretrain.demo import prepare_data
+
+    root = tmp_path_factory.mktemp("demo_data")
+    prepare_data(root)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

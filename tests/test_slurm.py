@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import pack as pack_cli
-from data_prep import train_tokenizer as tok_cli
-from tests.conftest import REPO, TINY_DATA
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "pretrain_1b.sh"
@@ -208,17 +206,6 @@ def cluster(tmp_path_factory):
         shutil.rmtree(munge_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    corpus = [str(TINY_DATA / "tiny_en.jsonl"), str(TINY_DATA / "tiny_ja.jsonl")]
-    assert tok_cli.main(["--input", *corpus, "--output-prefix", str(root / "tok"), "--vocab-size", "2000",
-                         "--model-type", "bpe"]) == 0  # fmt: skip
-    assert pack_cli.main(["--input", *corpus, "--tokenizer", str(root / "tok.model"), "--output",
-                          str(root / "packed"), "--valid-fraction", "0.1", "--no-progress"]) == 0  # fmt: skip
-    return root
-
-
 @pytest.mark.parametrize(
     ("resources", "env", "gpus"),
     [
@@ -230,7 +217,7 @@ def packed(tmp_path_factory) -> Path:
 def test_sbatch_trains_and_checkpoints(cluster, packed, tmp_path, resources, env, gpus):
     run_dir = tmp_path / "run"
     log = tmp_path / "slurm-%j.out"
-    data = [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tok.model'}"]
+    data = [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tokenizer.model'}"]
     env = {"CONFIG": "configs/demo_tiny.yaml", "RUN_DIR": str(run_dir), **env}
     job_id = cluster.submit(*JOB, *resources, f"--output={log}", str(SCRIPT), *data, *TINY_MODEL, env=env)
     job = cluster.wait_job(job_id, timeout=420)

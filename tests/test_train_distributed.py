@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep import pack as pack_cli
-from data_prep import train_tokenizer as tok_cli
 from fm_pretrain.launch import launch_local
-from tests.conftest import REPO, TINY_DATA
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "demo_tiny.yaml"
@@ -40,19 +38,12 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    corpus = [str(TINY_DATA / "tiny_en.jsonl"), str(TINY_DATA / "tiny_ja.jsonl")]
-    assert tok_cli.main(["--input", *corpus, "--output-prefix", str(root / "tok"), "--vocab-size", "2000",
-                         "--model-type", "bpe"]) == 0  # fmt: skip
-    assert pack_cli.main(["--input", *corpus, "--tokenizer", str(root / "tok.model"), "--output",
-                          str(root / "packed"), "--valid-fraction", "0.1", "--no-progress"]) == 0  # fmt: skip
-    return root
-
-
 def train(packed: Path, run_dir: Path, *overrides: str) -> list[dict]:
-    args = [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tok.model'}", f"train.run_dir={run_dir}"]
+    args = [
+        f"data.path={packed / 'packed'}",
+        f"data.tokenizer={packed / 'tokenizer.model'}",
+        f"train.run_dir={run_dir}",
+    ]
     log = run_dir.parent / f"{run_dir.name}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     result = launch_local(CONFIG, [*args, *SMALL, *overrides], nproc=2, log_file=log, timeout=600)
@@ -131,7 +122,7 @@ def test_mlflow_store_holds_params_metrics_and_artifacts(resumed_run):
         assert m.value == pytest.approx(by_step[m.step], rel=1e-12)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "tokenizer", "plots"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "tokenizer")] == ["tokenizer/tok.model"]
+    assert [a.path for a in client.list_artifacts(run_id, "tokenizer")] == ["tokenizer/tokenizer.model"]
     assert "plots/loss.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
 
 
