@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"model.fm.backend: {e}") from None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = DecoderLM(cfg.model)
+    # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters and their numel reads 0 after.
+    n_params = model.num_params()
+    flops_per_token = training_flops_per_token(model, cfg.data.seq_len)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -151,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ds_config = build_ds_config(cfg, world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    flops_per_token = training_flops_per_token(model, cfg.data.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops_per_device(device_name, cfg.train.precision, cfg.train.peak_tflops)
 
@@ -182,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if step == 0 and cfg.data.tokenizer:
         tracker.log_artifact(cfg.data.tokenizer, "tokenizer")
-    n_params = model.num_params()
     log.info(
         "model %s: %.2fM parameters, %d layers %s; %d ranks on %s; ZeRO-%d, %s; global batch %d x %d tokens",
         cfg.model.model_type,
