@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fm_kernels.fm import chunk_fm, fm_step, fm_step_sparse, naive_fm, resolve_backend
+from fm_kernels.fm import chunk_fm, fm_step, fm_step_sparse, naive_fm
 from fm_pretrain.model.layers.fm import route
 from tests.test_gated import random_docs
 
@@ -110,13 +110,3 @@ def test_decode_steps_reproduce_parallel(top_k):
             )
             assert torch.equal(state[untouched], before[untouched]), "a sparse step wrote an unselected row"
         torch.testing.assert_close(r_t, r_ref[:, :, t], rtol=1e-10, atol=1e-10)
-
-
-def test_backend_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "torch"
-    assert resolve_backend("torch", cpu) == "torch"
-    with pytest.raises(ValueError, match="unknown FM backend"):
-        resolve_backend("cuda", cpu)
-    with pytest.raises(NotImplementedError, match="triton"):
-        resolve_backend("triton", cpu)

@@ -21,12 +21,25 @@ def fm_step(
 
 
 def fm_step_sparse(
-    state: torch.Tensor, rows: torch.Tensor, theta_k: torch.Tensor, phi_k: torch.Tensor, xbar: torch.Tensor
+    state: torch.Tensor,
+    rows: torch.Tensor,
+    theta_k: torch.Tensor,
+    phi_k: torch.Tensor,
+    xbar: torch.Tensor,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse step on k rows. rows (B, H, k) long; theta_k, phi_k (B, H, k); xbar (B, H, d).
 
     Updates `state` in place (only the k rows are written) and returns (r, state).
+    backend: `auto` runs the Triton step kernel (`decode.py`) on CUDA tensors and this gather/scatter
+    elsewhere; `triton` forces the kernel (CPU tensors need TRITON_INTERPRET=1); `torch` forces this code.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"fm_step_sparse: unknown backend '{backend}' (choose from auto, torch, triton)")
+    if backend == "triton" or (backend == "auto" and state.is_cuda):
+        from .decode import fm_step_sparse_triton  # imports triton only when used
+
+        return fm_step_sparse_triton(state, rows, theta_k, phi_k, xbar)
     dt = state.dtype
     idx = rows.unsqueeze(-1).expand(*rows.shape, state.shape[-1])
     sel = state.gather(2, idx)  # (B, H, k, d)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fm_kernels.gated import chunk_gated_recurrence, gated_recurrence_step
+from fm_kernels.gated import gated_recurrence, gated_recurrence_step
 
 
 def expand_groups(u: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -38,15 +38,17 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as naive.ssd_naive: x (b, T, H, P); dt (b, T, H); A (H,); B, C (b, T, G, N); D (H,);
-    initial_state (b, H, N, P), applied to the first document. Returns (y in x's dtype, final state)."""
+    initial_state (b, H, N, P), applied to the first document. Returns (y in x's dtype, final state).
+    backend: `torch`, `triton` (scalar-decay Triton kernels) or `auto` (see fm_kernels.gated.dispatch)."""
     H = x.shape[2]
     q = expand_groups(C, H).transpose(1, 2)
     k = (dt[..., None] * expand_groups(B, H)).transpose(1, 2)
     g = (dt * A).transpose(1, 2)  # (b, H, T): A < 0 and dt > 0, so every log-decay is <= 0
-    o, final = chunk_gated_recurrence(
-        q, k, x.transpose(1, 2), g, doc_ids, initial_state, output_final_state, chunk_size
+    o, final = gated_recurrence(
+        q, k, x.transpose(1, 2), g, doc_ids, initial_state, output_final_state, chunk_size, backend
     )
     return _add_skip(o.transpose(1, 2), x, D), final
 
