@@ -92,3 +92,44 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert Path(f"{prefix}.model").is_file()
     assert train_cli.main(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(prefix)]) == 1
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_weighted_reservoir_sample_card_and_reserved_ids(tmp_path: Path) -> None:
+    """Inputs sampled by weight (reservoir, streamed), held-out docs measured per language, reserved ids."""
+    import gzip
+
+    ja_gz = tmp_path / "ja.jsonl.gz"
+    ja_gz.write_bytes(gzip.compress(TINY[1].read_bytes()))  # compressed inputs are streamed too
+    prefix = tmp_path / "w" / "tok"
+    tok = train_tokenizer(
+        [TINY[0], ja_gz],
+        prefix,
+        vocab_size=2000,
+        model_type="bpe",
+        max_sentences=300,
+        weights=[1, 3],
+        langs=["en", "ja"],
+        reserved_tokens=3,
+        heldout_fraction=0.2,
+    )
+    card = json.loads(Path(f"{prefix}.card.json").read_text())
+    en, ja = card["training_sample"]
+    assert (en["sample_size"], ja["sample_size"]) == (75, 225)
+    assert en["lines_sampled"] == 75 < en["lines_seen"] and ja["lines_sampled"] == 225 < ja["lines_seen"]
+    assert en["heldout_docs"] > 0 and ja["heldout_docs"] > 0
+    assert en["docs_seen"] == 20 and ja["docs_seen"] == 40
+    for lang in ("en", "ja"):
+        h = card["heldout"][lang]
+        assert h["chars_per_token"] == round(h["chars"] / h["tokens"], 4) and h["tokens"] > 0
+    assert card["vocab_size"] == tok.vocab_size == 2000 and card["sha256"] == tok.sha256
+    assert card["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert card["reserved_ids"] == {"<reserved_0>": 4, "<reserved_1>": 5, "<reserved_2>": 6}
+    assert 5 in tok.encode("x <reserved_1> y")  # a user-defined piece: never split
+    assert card["options"]["character_coverage"] == 0.9995
+    # Same seed, same sample and model; held-out documents are not in the training sample.
+    again = train_tokenizer(
+        [TINY[0], ja_gz], tmp_path / "w2" / "tok", 2000, "bpe", max_sentences=300, weights=[1, 3],
+        langs=["en", "ja"], reserved_tokens=3, heldout_fraction=0.2,
+    )  # fmt: skip
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert [again.id_to_piece(i) for i in range(again.vocab_size)] == pieces  # the proto also holds the path

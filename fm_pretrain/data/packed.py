@@ -1,127 +1,30 @@
-"""Packed token shards on disk: the writer, the reader (PackedDataset) and the step-wise sampling.
+"""Reading packed token shards (PackedDataset) and the step-wise sampling; the format is in shards.py.
 
-Layout of a packed directory (format version 1, see docs/data.md):
-    meta.json                  written last; its presence means the directory is complete
-    {split}_{i:05d}.bin        raw little-endian token ids (uint16 if vocab < 65536, else uint32)
-    {split}_{i:05d}.idx.npy    int64 document start offsets into that shard, length n_docs + 1
-Each document is stored as [bos] + tokens + [eos]; documents never span shards.
+Each document is stored as [bos] + tokens + [eos]; documents never span shards (docs/data.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fm_pretrain.data import DataError
 
-FORMAT_NAME = "fm-pretrain-packed"
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
+# Re-exported: older code imports the format helpers from here.
+from fm_pretrain.data.shards import (  # noqa: F401
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    META_FILE,
+    read_meta,
+    shard_name,
+    token_dtype,
+)
+
 IGNORE_INDEX = -100  # label value the loss ignores (torch cross_entropy's default ignore_index)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
-
-
-def shard_name(split: str, i: int) -> str:
-    return f"{split}_{i:05d}"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class ShardWriter:
-    """Appends documents of one split to shards of about `shard_tokens` tokens.
-
-    A new shard starts when the next document would overflow the current one, so a shard exceeds
-    `shard_tokens` only when a single document does. Each shard is written under a temporary name and
-    renamed into place when complete.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        if shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
-        self.out_dir = Path(out_dir)
-        self.split = split
-        self.dtype = np.dtype(dtype)
-        self.shard_tokens = shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self._file = None
-        self._offsets: list[int] = []
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s["tokens"] for s in self.shards) + (self._offsets[-1] if self._file else 0)
-
-    @property
-    def num_docs(self) -> int:
-        return sum(s["docs"] for s in self.shards) + (len(self._offsets) - 1 if self._file else 0)
-
-    def add(self, doc: np.ndarray) -> None:
-        """Append one document (already framed with bos/eos)."""
-        if self._file is not None and self._offsets[-1] + len(doc) > self.shard_tokens:
-            self._finish_shard()
-        if self._file is None:
-            name = shard_name(self.split, len(self.shards))
-            self._file = open(self.out_dir / f"{name}.bin.tmp", "wb")  # noqa: SIM115 (spans calls)
-            self._offsets = [0]
-        self._file.write(np.ascontiguousarray(doc, dtype=self.dtype).tobytes())
-        self._offsets.append(self._offsets[-1] + len(doc))
-
-    def _finish_shard(self) -> None:
-        assert self._file is not None
-        self._file.close()
-        self._file = None
-        name = shard_name(self.split, len(self.shards))
-        bin_path, idx_path = self.out_dir / f"{name}.bin", self.out_dir / f"{name}.idx.npy"
-        idx_tmp = idx_path.with_name(idx_path.name + ".tmp")
-        with open(idx_tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
-            np.save(f, np.asarray(self._offsets, dtype=np.int64))
-        os.replace(bin_path.with_name(bin_path.name + ".tmp"), bin_path)
-        os.replace(idx_tmp, idx_path)
-        self.shards.append(
-            {"bin": bin_path.name, "idx": idx_path.name, "tokens": self._offsets[-1], "docs": len(self._offsets) - 1}
-        )
-
-    def close(self) -> dict[str, Any]:
-        """Finish the last shard; returns this split's entry for meta.json."""
-        if self._file is not None:
-            self._finish_shard()
-        return {"num_tokens": self.num_tokens, "num_docs": self.num_docs, "shards": self.shards}
-
-
-def write_meta(out_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
-    """Write meta.json atomically; call last, once every shard is in place."""
-    _atomic_json(Path(out_dir) / META_FILE, meta)
-
-
-def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"packed data directory not found: {data_dir}")
-    meta_path = data_dir / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found (not a packed directory, or packing did not finish)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e})") from e
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
-            f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
-        )
-    return meta
 
 
 class PackedDataset(torch.utils.data.Dataset):
