@@ -1,7 +1,7 @@
 """Training FLOPs per token, aware of each mixer's recurrence (for tokens/s -> MFU).
 
 Counted as 3x the forward (forward + backward), with 2 FLOPs per multiply-add:
-- every nn.Linear weight (projections, MLP, LM head): 2 * in * out per token;
+- every projection matrix (FM/attention/Mamba-2 projections, MLP, LM head): 2 * in * out per token;
 - attention: QK^T and AV over on average seq_len / 2 causal keys: 2 * 2 * d_head * n_heads * seq_len / 2;
 - FM: per head, write and read of the rows a token touches: 2 * 2 * rows * d_mem (rows = k sparse, m dense);
 - Mamba-2: per head, state update and read: 2 * 2 * d_state * head_dim.
@@ -10,6 +10,7 @@ The chunked algorithms do more work than these algorithmic counts; MFU reports u
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 PEAK_TFLOPS = {  # dense tensor-core peaks per device, (bf16, tf32)
@@ -37,9 +38,22 @@ def recurrence_flops_forward(model: nn.Module, seq_len: int) -> float:
     return total
 
 
+def matmul_weight_numel(model: nn.Module) -> int:
+    """Elements of every projection matrix (2-D `weight` of any module but the input embedding), counted at
+    their full TP = 1 size so MFU is the same whatever the tensor-parallel split."""
+    from fm_pretrain.parallel import full_numel
+
+    embed = getattr(model, "embed", None)
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if module is not embed and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            total += full_numel(weight)
+    return total
+
+
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return 3 * (2 * linear + recurrence_flops_forward(model, seq_len))
+    return 3 * (2 * matmul_weight_numel(model) + recurrence_flops_forward(model, seq_len))
 
 
 def peak_flops_per_device(device_name: str, precision: str, override_tflops: float | None) -> float | None:

@@ -1,7 +1,8 @@
 """LLaMA-style decoder whose token mixer is chosen per layer by `layer_pattern` (FM, attention, Mamba-2).
 
 Blocks are pre-norm: x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)). Nothing here knows about
-DeepSpeed, MLflow or Slurm.
+DeepSpeed, MLflow or Slurm. With `parallel.tensor_parallel > 1` the projections, embedding and LM head are
+megatron-core tensor-parallel layers (docs/parallelism.md); at 1 they are plain PyTorch modules.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from fm_pretrain.config import ModelConfig
+from fm_pretrain.config import ModelConfig, ParallelConfig
+from fm_pretrain.parallel.layers import padded_vocab, vocab_embedding, vocab_head
+from fm_pretrain.parallel.sharding import full_numel
 
 from .layers.mlp import SwiGLU, swiglu_hidden
 from .layers.norm import RMSNorm
@@ -23,30 +27,30 @@ IGNORE_INDEX = -100
 RESIDUAL_OUT = ("w_o", "o_proj", "out_proj", "w_down")
 
 
-def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, tp: int = 1) -> nn.Module:
     if kind == "fm":
         from .layers.fm import FactorizationMemory
 
-        return FactorizationMemory(cfg.d_model, cfg.fm, layer_idx, cfg.norm_eps)
+        return FactorizationMemory(cfg.d_model, cfg.fm, layer_idx, cfg.norm_eps, tp)
     if kind == "attention":
         from .layers.attention import Attention
 
-        return Attention(cfg.d_model, cfg.attention, layer_idx, cfg.norm_eps)
+        return Attention(cfg.d_model, cfg.attention, layer_idx, cfg.norm_eps, tp)
     if kind == "mamba2":
         from .layers.mamba2 import Mamba2
 
-        return Mamba2(cfg.d_model, cfg.mamba2, layer_idx, cfg.norm_eps)
+        return Mamba2(cfg.d_model, cfg.mamba2, layer_idx, cfg.norm_eps, tp)
     raise ValueError(f"unknown mixer '{kind}'")
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: int = 1):
         super().__init__()
         self.kind = cfg.mixer_of_layer(layer_idx)
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(self.kind, cfg, layer_idx)
+        self.mixer = build_mixer(self.kind, cfg, layer_idx, tp)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden or swiglu_hidden(cfg.d_model))
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden or swiglu_hidden(cfg.d_model), tp)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), doc_ids=doc_ids, cache=cache)
@@ -55,26 +59,52 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor  # (B, T, vocab); at tensor_parallel > 1 this rank's vocabulary shard (padded / tp)
     loss: torch.Tensor | None = None  # language-model loss + auxiliary losses (what is optimised)
     lm_loss: torch.Tensor | None = None  # cross entropy alone (what is reported as the loss)
     aux_loss: torch.Tensor | None = None
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        parallel = parallel or ParallelConfig()
+        self.tp = tp = parallel.tensor_parallel
+        self.activation_checkpointing = parallel.activation_checkpointing
+        if tp > 1:
+            from fm_pretrain.parallel.state import require_tp
+
+            require_tp(tp)
+            # Initialisation: the full TP = 1 model from the same random stream, then each rank keeps its shard,
+            # so TP = 2 starts exactly where TP = 1 does (it costs one full copy of the weights per rank, briefly).
+            full = DecoderLM(cfg, ParallelConfig()).state_dict()
+            rng = torch.get_rng_state()
+        self.embed = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        self.blocks = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = vocab_head(cfg.d_model, cfg.vocab_size, tp)
+        if tp == 1:
+            self._init_all()
+        else:
+            from fm_pretrain.parallel.state import load_full_state_dict, tp_rank
+
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed.weight  # both split the (padded) vocabulary alike
+            load_full_state_dict(self, full)
+            torch.set_rng_state(rng)  # building the TP modules drew random numbers that a TP = 1 run does not
+            # Padded vocabulary rows (on the last ranks) get -inf logits: the loss and sampling never see them.
+            local = padded_vocab(cfg.vocab_size, tp) // tp
+            ids = torch.arange(local) + tp_rank() * local
+            self.register_buffer("vocab_pad_mask", ids >= cfg.vocab_size, persistent=False)
+
+    def _init_all(self) -> None:
         self.apply(self._init_weights)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in RESIDUAL_OUT:
                 nn.init.normal_(module.weight, mean=0.0, std=out_std)
-        if cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -87,9 +117,10 @@ class DecoderLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters of the whole model (at tp > 1: of the full model, not this rank's shards)."""
+        n = sum(full_numel(p) for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed.weight.numel()
+            n -= full_numel(self.embed.weight)
         return n
 
     def forward(
@@ -100,16 +131,27 @@ class DecoderLM(nn.Module):
         caches: list[dict] | None = None,
     ) -> LMOutput:
         x = self.embed(input_ids)
+        recompute = self.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, doc_ids, None if caches is None else caches[i])
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, doc_ids, None, use_reentrant=False)
+            else:
+                x = block(x, doc_ids, None if caches is None else caches[i])
         logits = self.lm_head(self.final_norm(x))
+        if self.tp > 1:
+            logits = logits.masked_fill(self.vocab_pad_mask, float("-inf"))
         if labels is None:
             return LMOutput(logits=logits)
-        lm_loss = F.cross_entropy(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.shape[-1]),
-            labels.view(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        if self.tp > 1:
+            from fm_pretrain.parallel.megatron_layers import vocab_parallel_cross_entropy
+
+            lm_loss = vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX)
+        else:
+            lm_loss = F.cross_entropy(
+                logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.shape[-1]),
+                labels.view(-1),
+                ignore_index=IGNORE_INDEX,
+            )
         aux = [b.mixer.aux_loss for b in self.blocks if getattr(b.mixer, "aux_loss", None) is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         loss = lm_loss if aux_loss is None else lm_loss + aux_loss
@@ -126,7 +168,7 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """Prefill with the parallel path, then one token at a time with per-layer caches (greedy at T=0)."""
         caches: list[dict] = [{} for _ in self.blocks]
-        logits = self(input_ids, caches=caches).logits[:, -1]
+        logits = self._full_logits(self(input_ids, caches=caches).logits[:, -1])
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
@@ -140,5 +182,13 @@ class DecoderLM(nn.Module):
                 done |= nxt.squeeze(-1) == eos_id
                 if bool(done.all()):
                     break
-            logits = self(nxt, caches=caches).logits[:, -1]
+            logits = self._full_logits(self(nxt, caches=caches).logits[:, -1])
         return torch.cat(out, dim=1)
+
+    def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """All of the vocabulary's logits (gathered from the TP ranks, without padding)."""
+        if self.tp == 1:
+            return logits
+        from fm_pretrain.parallel.megatron_layers import gather_last_dim
+
+        return gather_last_dim(logits)[..., : self.cfg.vocab_size]

@@ -12,6 +12,8 @@ from torch import nn
 
 from fm_pretrain.config import AttentionConfig
 from fm_pretrain.model.layers.rope import apply_rope, positions_from_doc_ids, rope_cos_sin
+from fm_pretrain.parallel.layers import column_linear, row_linear
+from fm_pretrain.parallel.sharding import local_size
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -49,20 +51,21 @@ class Attention(nn.Module):
     rotated keys/values of all past tokens and the position counter live in the caller's dict.
     """
 
-    def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int, norm_eps: float):
+    def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int, norm_eps: float, tp: int = 1):
         super().__init__()
         n_kv = cfg.n_kv_heads or cfg.n_heads
         if d_model % cfg.n_heads or cfg.n_heads % n_kv:
             raise ValueError(f"need n_heads | d_model and n_kv_heads | n_heads: {d_model=}, {cfg=}")
         self.layer_idx = layer_idx
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = n_kv
         self.head_dim = d_model // cfg.n_heads
+        # Tensor parallel: each rank owns n_heads / tp query heads and their n_kv_heads / tp kv heads.
+        self.n_heads = local_size(cfg.n_heads, tp, "model.attention.n_heads")
+        self.n_kv_heads = local_size(n_kv, tp, "model.attention.n_kv_heads")
         self.rope_theta = cfg.rope_theta
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.q_proj = column_linear(d_model, cfg.n_heads * self.head_dim, tp)
+        self.k_proj = column_linear(d_model, n_kv * self.head_dim, tp)
+        self.v_proj = column_linear(d_model, n_kv * self.head_dim, tp)
+        self.o_proj = row_linear(cfg.n_heads * self.head_dim, d_model, tp)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE on (B, H, T, D) with positions (B or 1, T); angles in fp32 (fp64 for fp64 inputs)."""

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_kernels.fm import fm_recurrence, fm_step, fm_step_sparse, resolve_backend
+from fm_kernels.fm import fm_recurrence, fm_recurrence_sparse, fm_step, fm_step_sparse, resolve_backend
 from fm_pretrain.config import FMConfig
+from fm_pretrain.parallel.layers import column_linear, row_linear, split_param, tp_mean
+from fm_pretrain.parallel.sharding import local_size
 
 log = logging.getLogger(__name__)
 
@@ -59,25 +61,31 @@ def load_balancing_loss(alpha: torch.Tensor, rows: torch.Tensor | None, top_k: i
 
 
 class FactorizationMemory(nn.Module):
-    def __init__(self, d_model: int, cfg: FMConfig, layer_idx: int = 0, norm_eps: float = 1e-5):
+    """Tensor parallel (tp > 1): each rank owns n_heads / tp whole heads (router, rates, memory state and
+    read norm of a head never leave its rank); W_alpha, W_eta, W_mu, W_i, W_gate are split by head
+    (column), W_o by its input (row), so the only communication is W_o's all-reduce."""
+
+    def __init__(self, d_model: int, cfg: FMConfig, layer_idx: int = 0, norm_eps: float = 1e-5, tp: int = 1):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.norm_eps = norm_eps
-        H, m, d_mem = cfg.n_heads, cfg.n_memories, cfg.d_mem
+        self.tp = tp
+        H_all, m, d_mem = cfg.n_heads, cfg.n_memories, cfg.d_mem
+        H = local_size(H_all, tp, "model.fm.n_heads")  # this rank's heads
         self.n_heads, self.n_memories, self.d_mem = H, m, d_mem
         self.top_k = None if cfg.top_k is None or cfg.top_k >= m else cfg.top_k
         n_rates = m if cfg.rate_per_row else 1
-        self.w_alpha = nn.Linear(d_model, H * m, bias=False)
-        self.w_eta = nn.Linear(d_model, H * n_rates, bias=False)
-        self.w_mu = nn.Linear(d_model, H * n_rates, bias=False)
+        self.w_alpha = column_linear(d_model, H_all * m, tp)
+        self.w_eta = column_linear(d_model, H_all * n_rates, tp)
+        self.w_mu = column_linear(d_model, H_all * n_rates, tp)
         # Rate biases live outside nn.Linear so the LM's generic init does not zero them.
-        self.b_eta = nn.Parameter(torch.full((H * n_rates,), cfg.rate_bias_init))
-        self.b_mu = nn.Parameter(torch.full((H * n_rates,), cfg.rate_bias_init))
-        self.w_i = nn.Linear(d_model, H * d_mem, bias=False)
-        self.read_norm_weight = nn.Parameter(torch.ones(H, d_mem))  # RMSNorm of each head's read r_t
-        self.w_gate = nn.Linear(d_model, H * d_mem, bias=False) if cfg.output_gate else None
-        self.w_o = nn.Linear(H * d_mem, d_model, bias=False)
+        self.b_eta = split_param(nn.Parameter(torch.full((H * n_rates,), cfg.rate_bias_init)), tp)
+        self.b_mu = split_param(nn.Parameter(torch.full((H * n_rates,), cfg.rate_bias_init)), tp)
+        self.w_i = column_linear(d_model, H_all * d_mem, tp)
+        self.read_norm_weight = split_param(nn.Parameter(torch.ones(H, d_mem)), tp)  # RMSNorm of each head's read
+        self.w_gate = column_linear(d_model, H_all * d_mem, tp) if cfg.output_gate else None
+        self.w_o = row_linear(H_all * d_mem, d_model, tp)
         self.aux_loss: torch.Tensor | None = None
         self.backend: str | None = None
 
@@ -114,10 +122,26 @@ class FactorizationMemory(nn.Module):
         self.aux_loss = None
         if self.training and self.cfg.aux_loss_weight > 0:
             top_k = self.top_k or self.n_memories
-            self.aux_loss = self.cfg.aux_loss_weight * load_balancing_loss(alpha, rows, top_k)
+            # The loss averages over heads: this rank's heads, then the mean over TP ranks.
+            self.aux_loss = self.cfg.aux_loss_weight * tp_mean(load_balancing_loss(alpha, rows, top_k), self.tp)
 
         if cache is not None and x.shape[1] == 1 and "state" in cache:
             r = self._decode_step(cache, theta, phi, xbar, rows, eta, mu, a)
+        elif self.top_k is not None and self.backend == "triton":  # sparse kernels: O(k d_mem) per token
+            theta_k, phi_k = self._routed_weights(rows, eta, mu, a)
+            r, final = fm_recurrence_sparse(
+                rows.transpose(1, 2),
+                theta_k.transpose(1, 2),
+                phi_k.transpose(1, 2),
+                xbar,
+                self.n_memories,
+                doc_ids=doc_ids,
+                initial_state=None if cache is None else cache.get("state"),
+                output_final_state=cache is not None,
+                backend=self.backend,
+            )
+            if cache is not None:
+                cache["state"] = final
         else:
             r, final = fm_recurrence(
                 theta,
@@ -140,8 +164,14 @@ class FactorizationMemory(nn.Module):
             r, cache["state"] = fm_step(state, theta[:, :, 0], phi[:, :, 0], xbar[:, :, 0])
         else:
             rows_t = rows[:, 0]  # (B, H, k)
-            a_k = a[:, 0].gather(-1, rows_t)
-            eta_k = eta[:, 0] if eta.shape[-1] == 1 else eta[:, 0].gather(-1, rows_t)
-            mu_k = mu[:, 0] if mu.shape[-1] == 1 else mu[:, 0].gather(-1, rows_t)
-            r, cache["state"] = fm_step_sparse(state, rows_t, eta_k * a_k, mu_k * a_k, xbar[:, :, 0])
+            theta_k, phi_k = self._routed_weights(rows_t, eta[:, 0], mu[:, 0], a[:, 0])
+            r, cache["state"] = fm_step_sparse(state, rows_t, theta_k, phi_k, xbar[:, :, 0], backend=self.backend)
         return r.unsqueeze(2)
+
+    @staticmethod
+    def _routed_weights(rows, eta, mu, a) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta_k = eta_k a_k, phi_k = mu_k a_k (..., H, k) at the routed rows (rates broadcast if per head)."""
+        a_k = a.gather(-1, rows)
+        eta_k = eta if eta.shape[-1] == 1 else eta.gather(-1, rows)
+        mu_k = mu if mu.shape[-1] == 1 else mu.gather(-1, rows)
+        return eta_k * a_k, mu_k * a_k

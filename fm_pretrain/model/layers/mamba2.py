@@ -8,16 +8,21 @@ Generation cache (one dict per layer): "conv" (B, d_conv - 1, conv_dim) holds th
 convolution, "ssm" (B, H, N, P) the fp32 SSD state.
 """
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_kernels.gated import state_dtype
+from fm_kernels.gated import resolve_backend, state_dtype
 from fm_kernels.ssd import ssd_chunked, ssd_step
 from fm_pretrain.config import Mamba2Config
 from fm_pretrain.model.layers.rope import positions_from_doc_ids
+
+log = logging.getLogger(__name__)
+from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
+from fm_pretrain.parallel.sharding import local_size
 
 
 class GatedRMSNorm(nn.Module):
@@ -42,31 +47,43 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2(nn.Module):
-    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int, norm_eps: float):
+    """Tensor parallel (tp > 1): each rank owns n_heads / tp heads and n_groups / tp B/C groups (so n_groups
+    must be a multiple of tp); in_proj is split by column within each of its z | x | B | C | dt blocks, the
+    conv channels, dt_bias, A_log, D and the gated norm follow their heads, out_proj is split by row."""
+
+    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int, norm_eps: float, tp: int = 1):
         super().__init__()
         d_inner = cfg.expand * d_model
         if d_inner % cfg.head_dim:
             raise ValueError(f"head_dim={cfg.head_dim} must divide expand * d_model = {d_inner}")
+        n_heads = d_inner // cfg.head_dim
+        if n_heads % cfg.n_groups:
+            raise ValueError(f"n_groups={cfg.n_groups} must divide n_heads={n_heads}")
         self.layer_idx = layer_idx
-        self.d_inner = d_inner
         self.head_dim = cfg.head_dim
-        self.n_heads = d_inner // cfg.head_dim
-        self.n_groups = cfg.n_groups
+        # Sizes below are this rank's (all of them at tp == 1).
+        self.n_heads = local_size(n_heads, tp, "model.mamba2 heads (expand * d_model / head_dim)")
+        self.n_groups = local_size(cfg.n_groups, tp, "model.mamba2.n_groups")
+        self.d_inner = self.n_heads * cfg.head_dim
         self.d_state = cfg.d_state
         self.d_conv = cfg.d_conv
         self.chunk_size = cfg.chunk_size
-        if self.n_heads % self.n_groups:
-            raise ValueError(f"n_groups={self.n_groups} must divide n_heads={self.n_heads}")
-        self.conv_dim = d_inner + 2 * self.n_groups * self.d_state
+        self.backend: str | None = None  # SSD kernels: Triton on CUDA, PyTorch on CPU (FM_PRETRAIN_KERNELS forces)
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
 
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + self.n_heads, bias=False)  # z, xBC, dt
+        bc = cfg.n_groups * cfg.d_state
+        in_blocks = (d_inner, d_inner, bc, bc, n_heads)  # z | x | B | C | dt
+        self.in_proj = column_linear(d_model, sum(in_blocks), tp, segments=in_blocks)
         # Holds the depthwise weights (C, 1, d_conv) and bias; _conv applies them with document masking.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
-        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
-        self.A_log = nn.Parameter(torch.empty(self.n_heads))
-        self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = GatedRMSNorm(d_inner, d_inner // self.n_groups, norm_eps)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for p in (self.conv1d.weight, self.conv1d.bias):
+            split_param(p, tp, segments=(d_inner, bc, bc))
+        self.dt_bias = split_param(nn.Parameter(torch.empty(self.n_heads)), tp)
+        self.A_log = split_param(nn.Parameter(torch.empty(self.n_heads)), tp)
+        self.D = split_param(nn.Parameter(torch.empty(self.n_heads)), tp)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, norm_eps)
+        split_param(self.norm.weight, tp)
+        self.out_proj = row_linear(d_inner, d_model, tp)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # mamba_ssm's marker: these are not weights to shrink
         self.reset_ssm_parameters(cfg.dt_min, cfg.dt_max)
@@ -124,11 +141,16 @@ class Mamba2(nn.Module):
             y, cache["ssm"] = ssd_step(state, xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D)
             y = y[:, None]
         else:
+            if self.backend is None:
+                self.backend = resolve_backend("auto", x.device)
+                if self.layer_idx == 0:
+                    log.info("Mamba-2 layers use the '%s' kernel backend on %s", self.backend, x.device)
             y, final = ssd_chunked(
                 xs, dt, A, Bm, Cm, self.D, doc_ids,
                 initial_state=None if cache is None else cache.get("ssm"),
                 output_final_state=cache is not None,
                 chunk_size=self.chunk_size,
+                backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 cache["ssm"] = final

@@ -1,8 +1,10 @@
-"""SwiGLU feed-forward block of the LLaMA-style decoder."""
+"""SwiGLU feed-forward block of the LLaMA-style decoder (tensor parallel: gate/up by column, down by row)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fm_pretrain.parallel.layers import column_linear, row_linear
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -11,11 +13,11 @@ def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, tp: int = 1):
         super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.w_gate = column_linear(d_model, hidden, tp)
+        self.w_up = column_linear(d_model, hidden, tp)
+        self.w_down = row_linear(hidden, d_model, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
