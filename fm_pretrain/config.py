@@ -91,9 +91,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # directory written by data_prep/pack.py
+    blend: str = ""  # or: a blend YAML over several packed directories (docs/data.md); exclusive with path
     tokenizer: str = ""  # sentencepiece .model (logged as an artifact, hash checked against the data)
     seq_len: int = 256
-    seed: int = 1234
+    seed: int = 1234  # the sample order (and a blend's, unless its YAML sets seed)
 
 
 @dataclass
@@ -124,6 +125,10 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     resume: bool = True  # resume from run_dir/checkpoints/latest when present
+    resume_from: str | None = None  # a step_N dir (or checkpoints dir) to resume from; missing -> error
+    max_consecutive_nonfinite: int = 5  # stop (exit 3) after this many skipped steps in a row; 0: never
+    collective_timeout_s: float = 600.0  # a collective waiting longer (dead/hung rank) fails the job
+    save_on_signal: bool = True  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     seed: int = 42
     peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs
 
@@ -138,12 +143,21 @@ class TrackingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism on top of DeepSpeed's data parallelism (docs/parallelism.md)."""
+
+    tensor_parallel: int = 1  # megatron-core TP size: consecutive ranks share each layer's heads; DP = world / TP
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,10 +283,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         "train.save_every": cfg.train.save_every,
         "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
     }
     for key, val in positives.items():
         if val <= 0:
             raise ConfigError(f"{key}: must be > 0, got {val}")
+    if cfg.train.max_consecutive_nonfinite < 0:
+        raise ConfigError(f"train.max_consecutive_nonfinite: must be >= 0, got {cfg.train.max_consecutive_nonfinite}")
     fm = m.fm
     if fm.top_k is not None and not 1 <= fm.top_k <= fm.n_memories:
         raise ConfigError(f"model.fm.top_k: must be in [1, n_memories={fm.n_memories}], got {fm.top_k}")
@@ -290,6 +307,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(
                 f"model.mamba2.head_dim: {mb.head_dim} does not divide expand*d_model={mb.expand * m.d_model}"
             )
+    _validate_parallel(cfg)
     o = cfg.optim
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={o.lr}], got {o.min_lr}")
@@ -297,7 +315,36 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    if cfg.data.path and cfg.data.blend:
+        raise ConfigError("data.blend: set data.path (one packed directory) or data.blend (a blend YAML), not both")
     return cfg
+
+
+def _validate_parallel(cfg: ExperimentConfig) -> None:
+    """Tensor parallelism splits whole heads (and MLP columns) across ranks: every split must be even.
+    The vocabulary need not divide: it is padded to a multiple of TP, and the padded logits are masked."""
+    tp, m = cfg.parallel.tensor_parallel, cfg.model
+    if tp < 1:
+        raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    from fm_pretrain.model.layers.mlp import swiglu_hidden  # lazy: the model package imports this module
+
+    hidden = m.mlp_hidden or swiglu_hidden(m.d_model)
+    splits = {"model.mlp_hidden": (hidden, f"SwiGLU width {hidden}")}  # key -> (count to split, what it is)
+    if "fm" in m.layer_pattern:
+        splits["model.fm.n_heads"] = (m.fm.n_heads, f"{m.fm.n_heads} heads")
+    if "attention" in m.layer_pattern:
+        n_kv = m.attention.n_kv_heads or m.attention.n_heads
+        splits["model.attention.n_heads"] = (m.attention.n_heads, f"{m.attention.n_heads} heads")
+        splits["model.attention.n_kv_heads"] = (n_kv, f"{n_kv} kv heads")
+    if "mamba2" in m.layer_pattern:
+        heads = m.mamba2.expand * m.d_model // m.mamba2.head_dim
+        splits["model.mamba2.head_dim"] = (heads, f"expand * d_model / head_dim = {heads} heads")
+        splits["model.mamba2.n_groups"] = (m.mamba2.n_groups, f"{m.mamba2.n_groups} B/C groups")
+    for key, (n, what) in splits.items():
+        if n % tp:
+            raise ConfigError(f"{key}: {what}, not divisible by parallel.tensor_parallel={tp}")
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:

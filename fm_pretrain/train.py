@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,14 +35,30 @@ import yaml
 from fm_kernels.fm import resolve_backend
 from fm_pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
 from fm_pretrain.data import DataError
-from fm_pretrain.data.packed import GlobalSampler, PackedDataset, micro_batches
+from fm_pretrain.data.blend import build_train_valid
+from fm_pretrain.data.packed import micro_batches
 from fm_pretrain.data.tokenizer import Tokenizer
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.model.flops import peak_flops_per_device, training_flops_per_token
+from fm_pretrain.parallel.state import (
+    DeepSpeedMPU,
+    ParallelLayout,
+    initialize_model_parallel,
+    seed_tensor_parallel_rng,
+)
 from fm_pretrain.tracking import Tracker
-from fm_pretrain.training.checkpoint import latest_tag, prune, step_tag
+from fm_pretrain.training.checkpoint import Layout, find_resume, load_checkpoint, save_checkpoint
 from fm_pretrain.training.ds_config import build_ds_config, zero_stage
+from fm_pretrain.training.guards import (
+    NONFINITE_EXIT_CODE,
+    NonFiniteError,
+    NonFiniteGuard,
+    delay_step_for_tests,
+    guarded_loss,
+    injected_nonfinite_steps,
+)
 from fm_pretrain.training.schedules import build_scheduler
+from fm_pretrain.training.signals import StopRequest
 
 log = logging.getLogger("fm_pretrain.train")
 
@@ -54,15 +71,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(
+    tensor_parallel: int = 1, timeout_s: float = 600.0
+) -> tuple[int, int, torch.device, ParallelLayout]:
+    """The default process group, then megatron-core's TP x DP groups: the data sampler and ZeRO work over
+    the data-parallel group (layout.dp_rank / layout.dp), every TP rank of a group sees the same batch."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))  # dead rank -> error
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return rank, world, torch.device("cuda", local_rank)
-    return rank, world, torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ConfigError(f"parallel.tensor_parallel: {tensor_parallel} does not divide the number of ranks ({world})")
+    # The TP and DP groups get the same collective timeout as the default group (ZeRO's all-reduces use DP's).
+    return rank, world, device, initialize_model_parallel(tensor_parallel, timeout_s)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -106,7 +130,8 @@ def append_metrics(path: Path, step: int, metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg: ExperimentConfig = load_config(args.config, args.overrides)
-    rank, world, device = init_distributed()
+    rank, world, device, layout = init_distributed(cfg.parallel.tensor_parallel, cfg.train.collective_timeout_s)
+    dp_rank, dp_size = layout.dp_rank, layout.dp
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{rank}] %(message)s",
@@ -115,33 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
-    # ---- data: tokenizer and packed splits must agree (same tokenizer hash) ----
+    # ---- data: one packed directory (data.path) or a blend (data.blend); tokenizer hashes must agree ----
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     sha = tokenizer.sha256 if tokenizer else None
-    train_ds = PackedDataset(cfg.data.path, "train", cfg.data.seq_len, expect_tokenizer_sha256=sha)
-    valid_ds = PackedDataset(cfg.data.path, "valid", cfg.data.seq_len, expect_tokenizer_sha256=sha)
-    cfg.model.vocab_size = int(train_ds.meta["vocab_size"])
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    sampler = GlobalSampler(len(train_ds), seed=cfg.data.seed)
-    # Validation: the first eval_batches micro-batches per rank, in a fixed order (fewer if the split is small).
-    per_global_micro = cfg.train.micro_batch_size * world
-    n_valid = min(cfg.train.eval_batches, len(valid_ds) // per_global_micro) * per_global_micro
-    if n_valid == 0:
-        raise ValueError(
-            f"{cfg.data.path}: the valid split has {len(valid_ds)} sequences of {cfg.data.seq_len} tokens, fewer "
-            f"than one micro-batch per rank ({per_global_micro} in all); pack more validation data"
-        )
-    valid_sampler = GlobalSampler(len(valid_ds), seed=cfg.data.seed, shuffle=False)
-    valid_batches = micro_batches(valid_ds, valid_sampler, 0, n_valid, cfg.train.micro_batch_size, rank, world)
+    data = build_train_valid(cfg.data, sha, cfg.train.micro_batch_size, dp_size, cfg.train.eval_batches, dp_rank)
+    cfg.model.vocab_size = data.vocab_size
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size
+    # The sample order is a function of the global sample number: `consumed` (checkpointed) is its position.
+    train_ds, sampler, valid_batches = data.train, data.sampler, data.valid_batches
 
     # ---- model, optimizer, schedule, DeepSpeed engine ----
     if "fm" in cfg.model.layer_pattern:
         try:  # fail here, naming the key, rather than at the first forward
             resolve_backend(cfg.model.fm.backend, device)
-        except (NotImplementedError, ValueError) as e:
+        except (RuntimeError, ValueError) as e:
             raise ConfigError(f"model.fm.backend: {e}") from None
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = DecoderLM(cfg.model)
+    seed_tensor_parallel_rng(cfg.train.seed)  # identical initial weights on every rank (TP: shards of them)
+    model = DecoderLM(cfg.model, cfg.parallel)
     # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters and their numel reads 0 after.
     n_params = model.num_params()
     flops_per_token = training_flops_per_token(model, cfg.data.seq_len)
@@ -152,19 +167,24 @@ def main(argv: list[str] | None = None) -> int:
         eps=cfg.optim.eps,
     )
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    ds_config = build_ds_config(cfg, world)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    ds_config = build_ds_config(cfg, dp_size)
+    # mpu: ZeRO partitions and averages over the data-parallel group only, and the grad norm for clipping
+    # sums each TP shard once and each replicated parameter once.
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=DeepSpeedMPU()
+    )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops_per_device(device_name, cfg.train.precision, cfg.train.peak_tflops)
 
-    # ---- resume ----
+    # ---- resume (train.resume_from, else run_dir/checkpoints/latest; at another layout it reshards) ----
+    ckpt_layout = Layout(dp=dp_size, zero_stage=zero_stage(ds_config), tp=layout.tp)
+    ckpt_meta = {"tokenizer_sha256": sha, "config": to_dict(cfg)}
     step, consumed = 0, 0
-    if cfg.train.resume and ckpt_dir.is_dir() and latest_tag(ckpt_dir) is not None:
-        load_path, client_state = engine.load_checkpoint(str(ckpt_dir))
-        if load_path is None:
-            raise RuntimeError(f"could not load the latest checkpoint from {ckpt_dir}")
-        step, consumed = client_state["step"], client_state["consumed_samples"]
-        log.info("resumed from %s at step %d (%d samples consumed)", load_path, step, consumed)
+    resume_dir = find_resume(ckpt_dir, cfg.train.resume, cfg.train.resume_from)
+    if resume_dir is not None:
+        meta = load_checkpoint(engine, resume_dir, ckpt_layout, sha)
+        step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+        log.info("resumed from %s at step %d (%d samples consumed)", resume_dir, step, consumed)
 
     # ---- tracking (rank 0 only) ----
     tracker = Tracker(cfg.tracking, run_dir, rank)
@@ -209,24 +229,31 @@ def main(argv: list[str] | None = None) -> int:
         engine.train()
         tokens_per_step = global_batch * cfg.data.seq_len
         t_last, steps_since_log, losses_since_log = time.perf_counter(), 0, []
+        stop = StopRequest(enabled=cfg.train.save_on_signal)
+        guard = NonFiniteGuard(engine, cfg.train.max_consecutive_nonfinite, zero_stage(ds_config))
+        inject_nonfinite = injected_nonfinite_steps()  # test hook, empty unless its env var is set
         while step < cfg.train.steps:
-            batches = micro_batches(train_ds, sampler, consumed, global_batch, cfg.train.micro_batch_size, rank, world)
+            batches = micro_batches(
+                train_ds, sampler, consumed, global_batch, cfg.train.micro_batch_size, dp_rank, dp_size
+            )
             step_loss, step_aux = 0.0, 0.0
             for batch in batches:
                 out = engine(**{k: v.to(device) for k, v in batch.items()})
-                engine.backward(out.loss)
+                engine.backward(guarded_loss(out.loss, step + 1, rank, inject_nonfinite))
                 engine.step()  # DeepSpeed applies the update only at the gradient-accumulation boundary
                 step_loss += float(out.lm_loss.detach()) / len(batches)
                 if out.aux_loss is not None:
                     step_aux += float(out.aux_loss.detach()) / len(batches)
             step += 1
-            consumed += global_batch
-            losses_since_log.append((step_loss, step_aux))
+            consumed += global_batch  # a skipped step's batch is not retried
+            if not guard.after_step(step, step_loss):  # skipped steps stay out of train/loss
+                losses_since_log.append((step_loss, step_aux))
             steps_since_log += 1
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 n_window = len(losses_since_log)
-                loss, aux = all_reduce_mean([sum(x[i] for x in losses_since_log) / n_window for i in (0, 1)], device)
+                window = [sum(x[i] for x in losses_since_log) / n_window if n_window else math.nan for i in (0, 1)]
+                loss, aux = all_reduce_mean(window, device)
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_per_step * steps_since_log / elapsed
                 metrics = {
@@ -235,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     "perf/tokens_per_s": tok_s,
                     "perf/step_time_s": elapsed / steps_since_log,
                     "train/consumed_samples": consumed,
+                    "train/skipped_steps": guard.total,
                 }
                 if any(b.kind == "fm" for b in model.blocks) and cfg.model.fm.aux_loss_weight > 0:
                     metrics["train/aux_loss"] = aux  # the balancing loss, already weighted; not part of train/loss
@@ -265,14 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                     append_metrics(run_dir / "metrics.jsonl", step, val_metrics)
                 log.info("step %d  validation loss %.4f", step, val)
 
-            if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                engine.save_checkpoint(
-                    str(ckpt_dir), tag=step_tag(step), client_state={"step": step, "consumed_samples": consumed}
-                )
-                dist.barrier()
-                if rank == 0:
-                    prune(ckpt_dir, cfg.train.keep_last)
+            delay_step_for_tests()  # test hook, no-op unless its env var is set
+            stopping = stop.agreed(device)  # SIGTERM/SIGUSR1 on any rank: every rank stops after this step
+            if step % cfg.train.save_every == 0 or step == cfg.train.steps or stopping:
+                save_checkpoint(
+                    engine, ckpt_dir, step, consumed, ckpt_layout, ckpt_meta, cfg.train.keep_last,
+                    universal_info=getattr(model, "universal_checkpoint_info", None),
+                )  # fmt: skip
                 t_last = time.perf_counter()  # checkpoint time is not training throughput
+            if stopping:
+                log.warning("stop signal %s: saved the checkpoint of step %d, exiting", stop.received, step)
+                break
+        stop.restore()
 
     if rank == 0 and tracker.run_id:
         log.info("MLflow run %s in %s", tracker.run_id, tracker.tracking_uri)
@@ -282,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # NCCL: a failed or timed-out collective aborts the process instead of hanging it (gloo raises by itself).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     try:
         sys.exit(main())
     except (ConfigError, DataError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)

@@ -1,0 +1,1 @@
+"""Command-line tools that work on run directories (offline: no training ranks needed)."""
