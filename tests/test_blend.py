@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from fm_pretrain.data.blend import BlendSampler, apportion, build_train_valid, l
 from fm_pretrain.data.pack import pack
 from fm_pretrain.data.packed import micro_batches
 from fm_pretrain.data.tokenizer import train_tokenizer
-from fm_pretrain.launch import launch_local
+from tests.conftest import TINY_DATA
+from tests.train_runs import CONFIG, run_training
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [REPO / "data/tiny/tiny_en.jsonl", REPO / "data/tiny/tiny_ja.jsonl"]
-CONFIG = REPO / "configs" / "demo_tiny.yaml"
+TINY = [TINY_DATA / "tiny_en.jsonl", TINY_DATA / "tiny_ja.jsonl"]
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +119,9 @@ SMALL = [
 def test_trainer_consumes_blend_and_checkpoints_the_position(blend_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [f"data.blend={blend_dir / 'blend.yaml'}", "data.path=''", f"data.tokenizer={blend_dir / 'tok.model'}"]
-    args += [f"train.run_dir={run_dir}", *SMALL]
+    args += SMALL
 
-    def run(tag: str) -> list[dict]:
-        log = tmp_path / f"{tag}.log"
-        result = launch_local(CONFIG, args, nproc=2, log_file=log, timeout=600)
-        assert result.returncode == 0, log.read_text()[-4000:]
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-    first = run("first")
+    first = run_training(run_dir, args)
     consumed = {r["step"]: r["train/consumed_samples"] for r in first if "train/consumed_samples" in r}
     assert consumed == {1: 4, 2: 8, 3: 12, 4: 16}  # 2 ranks x 2 samples per step
     client = torch.load(run_dir / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
@@ -141,7 +133,7 @@ def test_trainer_consumes_blend_and_checkpoints_the_position(blend_dir: Path, tm
     shutil.rmtree(run_dir / "checkpoints" / "step_4")
     (run_dir / "checkpoints" / "latest").write_text("step_2")
     (run_dir / "metrics.jsonl").unlink()
-    second = run("second")
+    second = run_training(run_dir, args)
     want = {r["step"]: r["train/loss"] for r in first if "train/loss" in r}
     got = {r["step"]: r["train/loss"] for r in second if "train/loss" in r}
     assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in (3, 4)), (got, want)

@@ -14,7 +14,6 @@ row-parallel layers, the vocabulary-parallel softmax sums, DP averaging): measur
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +22,12 @@ import pytest
 import torch
 
 from fm_pretrain.config import ConfigError, ParallelConfig, from_dict
-from fm_pretrain.launch import launch_local, train_env
+from fm_pretrain.launch import train_env
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, unshard_tensor
 from tests.conftest import REPO
 from tests.tp_worker import CASES, SEED, dp_slice, make_batch, model_config
+from tests.train_runs import data_overrides, run_training
 
 WORKER = REPO / "tests" / "tp_worker.py"
 LOSS_TOL = dict(rtol=1e-6, atol=2e-6)
@@ -171,13 +171,7 @@ SMALL = [
 
 
 def train(packed: Path, run_dir: Path, nproc: int, *overrides: str) -> list[dict]:
-    data = [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tokenizer.model'}"]
-    args = [*data, f"train.run_dir={run_dir}"]
-    log = run_dir.parent / f"{run_dir.name}.log"
-    result = launch_local(REPO / "configs" / "demo_tiny.yaml", [*args, *SMALL, *overrides], nproc=nproc,
-                          log_file=log, timeout=600)  # fmt: skip
-    assert result.returncode == 0, f"training failed ({result.returncode}):\n{log.read_text()[-4000:]}"
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_training(run_dir, [*data_overrides(packed), *SMALL, *overrides], nproc=nproc)
 
 
 def series(rows: list[dict], key: str) -> torch.Tensor:

@@ -3,7 +3,6 @@
 Each test launches `fm_pretrain/train.py` under torchrun with 2 ranks, as users do.
 """
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import pytest
 import torch
 
 from fm_pretrain.launch import launch_local
-from tests.conftest import REPO
+from tests.train_runs import CONFIG, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
-CONFIG = REPO / "configs" / "demo_tiny.yaml"
 # A hybrid of all three mixers, so one run exercises FM (sparse), attention and Mamba-2 under ZeRO.
 SMALL = [
     "data.seq_len=64",
@@ -39,16 +37,7 @@ SMALL = [
 
 
 def train(packed: Path, run_dir: Path, *overrides: str) -> list[dict]:
-    args = [
-        f"data.path={packed / 'packed'}",
-        f"data.tokenizer={packed / 'tokenizer.model'}",
-        f"train.run_dir={run_dir}",
-    ]
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    result = launch_local(CONFIG, [*args, *SMALL, *overrides], nproc=2, log_file=log, timeout=600)
-    assert result.returncode == 0, f"training failed ({result.returncode}):\n{log.read_text()[-4000:]}"
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_training(run_dir, [*data_overrides(packed), *SMALL, *overrides])
 
 
 def series(rows: list[dict], key: str) -> dict[int, float]:

@@ -1,0 +1,27 @@
+"""Launch `fm_pretrain/train.py` for real (torchrun, gloo ranks) from tests, and read back its metrics."""
+
+import json
+from pathlib import Path
+
+from fm_pretrain.launch import launch_local
+from tests.conftest import REPO
+
+CONFIG = REPO / "configs" / "demo_tiny.yaml"
+
+
+def data_overrides(packed: Path) -> list[str]:
+    """The demo data built by the `packed` fixture."""
+    return [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tokenizer.model'}"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_training(run_dir: Path, overrides: list[str], nproc: int = 2) -> list[dict]:
+    """Train to completion in run_dir (log beside it); fail the test with the log's tail if training fails."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    result = launch_local(CONFIG, [*overrides, f"train.run_dir={run_dir}"], nproc=nproc, log_file=log, timeout=600)
+    assert result.returncode == 0, f"training failed ({result.returncode}):\n{log.read_text()[-4000:]}"
+    return read_metrics(run_dir)
