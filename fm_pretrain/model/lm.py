@@ -116,6 +116,16 @@ class DecoderLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
+    @property
+    def universal_checkpoint_info(self) -> dict | None:
+        """How this model's TP shards split, saved with every checkpoint so training/reshard.py can merge or
+        re-cut them for another TP size; None at TP = 1 (nothing is split)."""
+        if self.tp == 1:
+            return None
+        from fm_pretrain.parallel.sharding import checkpoint_info
+
+        return checkpoint_info(self, self.tp)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the whole model (at tp > 1: of the full model, not this rank's shards)."""
         n = sum(full_numel(p) for p in self.parameters())

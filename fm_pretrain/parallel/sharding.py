@@ -89,3 +89,34 @@ def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module, rank: int,
         split = tp_split_of(local)
         out[name] = full[name] if split is None else shard_tensor(full[name], split, rank, tp)
     return out
+
+
+# ---- checkpoints: the split table travels with a TP checkpoint, so another TP size can merge its shards ----
+
+TP_SPLITS_KEY = "fm_pretrain_tp_splits"  # inside DeepSpeed's universal_checkpoint_info dict of a checkpoint
+
+
+def split_table(model: nn.Module) -> dict[str, TPSplit]:
+    """{parameter name: TPSplit} of the sharded parameters, tied ones under each of their names (a checkpoint
+    holds `lm_head.weight` next to `embed.weight` when they are tied)."""
+    params = model.named_parameters(remove_duplicate=False)
+    return {name: split for name, p in params if (split := tp_split_of(p)) is not None}
+
+
+def checkpoint_info(model: nn.Module, tp: int) -> dict:
+    """What a TP checkpoint records about its layout (JSON-able): the TP size and every parameter's split.
+    Parameters not listed are whole on every TP rank (norms)."""
+    table = split_table(model)
+    splits = {n: {"dim": s.dim, "segments": list(s.segments), "full_len": s.full_len} for n, s in table.items()}
+    return {"universal_checkpoint_version": 0.2, TP_SPLITS_KEY: {"tp": tp, "splits": splits}}
+
+
+def splits_from_info(info: dict | None, where: str) -> tuple[int, dict[str, TPSplit]]:
+    """(TP size, {name: TPSplit}) from a checkpoint's universal_checkpoint_info (inverse of `checkpoint_info`)."""
+    recorded = (info or {}).get(TP_SPLITS_KEY)
+    if recorded is None:
+        raise ValueError(f"{where}: universal_checkpoint_info has no '{TP_SPLITS_KEY}' (how the TP shards split)")
+    splits = {}
+    for name, s in recorded["splits"].items():
+        splits[name] = TPSplit(int(s["dim"]), tuple(int(x) for x in s["segments"]), int(s["full_len"]))
+    return int(recorded["tp"]), splits

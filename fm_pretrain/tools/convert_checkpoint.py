@@ -1,9 +1,10 @@
 """Offline checkpoint conversion: `python -m fm_pretrain.tools.convert_checkpoint {info,universal,export} STEP_DIR`.
 
 - `info`: the checkpoint's step, data position and layout (data-parallel size, ZeRO stage, TP size).
-- `universal`: write the layout-free form (`STEP_DIR/universal/`, or `--output`): full fp32 weights and Adam
-  moments keyed by parameter name. A run at any (data-parallel size, ZeRO stage) then resumes from STEP_DIR with
-  `train.resume_from=STEP_DIR` (training also converts on demand; this does it ahead, e.g. on a login node).
+- `universal`: write the layout-free form (`STEP_DIR/universal/`, or `--output`): full (TP = 1) fp32 weights and
+  Adam moments keyed by parameter name; a tensor-parallel checkpoint's shards are merged. A run at any
+  (tensor-parallel size, data-parallel size, ZeRO stage) then resumes from STEP_DIR with `train.resume_from=STEP_DIR`
+  (training also converts on demand; this does it ahead, e.g. on a login node).
 - `export`: a plain `{name: fp32 tensor}` state dict (`torch.save`) for evaluation or inference outside DeepSpeed.
 """
 

@@ -7,6 +7,7 @@ Layout of `run_dir/checkpoints/`:
       rng_rank<R>.pt        python / numpy / torch (/ cuda) RNG states of rank R
       meta.json             step, consumed_samples, layout {dp, zero_stage, tp}, tokenizer hash, resolved config
       universal/            the layout-free form (full tensors by parameter name), written on demand (reshard.py)
+      universal_tp<K>/      that form re-cut for a TP size K: rank<r>/ per TP rank, written on demand (reshard.py)
     step_<N>.tmp/           a save in progress; DeepSpeed writes here, rank 0 renames it to step_<N> when complete
 
 A kill at any moment leaves either the previous `latest` with its complete directory, or the new one: the tag
