@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             if step % cfg.train.save_every == 0 or step == cfg.train.steps or stopping:
                 save_checkpoint(
                     engine, ckpt_dir, step, consumed, ckpt_layout, ckpt_meta, cfg.train.keep_last,
-                    universal_info=getattr(model, "universal_checkpoint_info", None),
+                    universal_info=model.universal_checkpoint_info,
                 )  # fmt: skip
                 t_last = time.perf_counter()  # checkpoint time is not training throughput
             if stopping:
