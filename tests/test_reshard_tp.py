@@ -30,33 +30,16 @@ from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, splits_from_info, unshard_tensor
 from fm_pretrain.training.reshard import merge_shards
 from tests.conftest import REPO
+from tests.train_runs import TINY_HYBRID
 
 STEPS = 6
 SMALL = [
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=3",
-    "model.layer_pattern=[fm, attention, mamba2]",
-    "model.fm.n_heads=2",
-    "model.fm.n_memories=8",
-    "model.fm.d_mem=16",
-    "model.fm.top_k=2",
-    "model.fm.chunk_size=16",
+    *TINY_HYBRID,
     "model.fm.aux_loss_weight=0.01",
-    "model.mamba2.d_state=16",
-    "model.mamba2.head_dim=32",
-    "model.mamba2.n_groups=2",
-    "model.mamba2.chunk_size=16",
-    "model.attention.n_heads=4",
-    "model.attention.n_kv_heads=2",
-    "train.micro_batch_size=2",
     f"train.steps={STEPS}",
-    "train.log_every=1",
     "train.eval_every=1000",
-    "train.eval_batches=2",
     "train.save_every=1",
     "train.keep_last=100",
-    "optim.warmup_steps=2",
     "tracking.enabled=false",
 ]
 

@@ -27,7 +27,7 @@ from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, unshard_tensor
 from tests.conftest import REPO
 from tests.tp_worker import CASES, SEED, dp_slice, make_batch, model_config
-from tests.train_runs import data_overrides, run_training
+from tests.train_runs import TINY_HYBRID, data_overrides, run_training
 
 WORKER = REPO / "tests" / "tp_worker.py"
 LOSS_TOL = dict(rtol=1e-6, atol=2e-6)
@@ -142,29 +142,11 @@ def test_tp2_reproduces_tp1_losses_and_gradients(tmp_path, nproc, dp):
 # ---- real ranks: fm_pretrain/train.py under ZeRO 1-3 ---------------------------------------------------------
 
 SMALL = [
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=3",
-    "model.layer_pattern=[fm, attention, mamba2]",
-    "model.fm.n_heads=2",
-    "model.fm.n_memories=8",
-    "model.fm.d_mem=16",
-    "model.fm.top_k=2",
-    "model.fm.chunk_size=16",
+    *TINY_HYBRID,
     "model.fm.aux_loss_weight=0.01",
-    "model.mamba2.d_state=16",
-    "model.mamba2.head_dim=32",
-    "model.mamba2.n_groups=2",
-    "model.mamba2.chunk_size=16",
-    "model.attention.n_heads=4",
-    "model.attention.n_kv_heads=2",
-    "train.micro_batch_size=2",
     "train.steps=4",
-    "train.log_every=1",
     "train.eval_every=4",
-    "train.eval_batches=2",
     "train.save_every=100",
-    "optim.warmup_steps=2",
     "optim.grad_clip=0.05",  # far below the gradient norm (~1.4): every step is clipped
     "tracking.enabled=false",
 ]

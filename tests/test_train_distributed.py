@@ -10,29 +10,12 @@ import pytest
 import torch
 
 from fm_pretrain.launch import launch_local
-from tests.train_runs import CONFIG, data_overrides, run_training
+from tests.train_runs import CONFIG, TINY_HYBRID, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
-# A hybrid of all three mixers, so one run exercises FM (sparse), attention and Mamba-2 under ZeRO.
 SMALL = [
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=3",
-    "model.layer_pattern=[fm, attention, mamba2]",
-    "model.fm.n_heads=2",
-    "model.fm.n_memories=8",
-    "model.fm.d_mem=16",
-    "model.fm.top_k=2",
-    "model.fm.chunk_size=16",
-    "model.mamba2.d_state=16",
-    "model.mamba2.head_dim=32",
-    "model.mamba2.chunk_size=16",
-    "model.attention.n_heads=2",
-    "train.micro_batch_size=2",
+    *TINY_HYBRID,
     "train.grad_accum=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "optim.warmup_steps=2",
 ]
 
 

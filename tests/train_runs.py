@@ -25,3 +25,28 @@ def run_training(run_dir: Path, overrides: list[str], nproc: int = 2) -> list[di
     result = launch_local(CONFIG, [*overrides, f"train.run_dir={run_dir}"], nproc=nproc, log_file=log, timeout=600)
     assert result.returncode == 0, f"training failed ({result.returncode}):\n{log.read_text()[-4000:]}"
     return read_metrics(run_dir)
+
+
+# A tiny hybrid of all three mixers, so one run exercises FM (sparse), attention (GQA) and Mamba-2; head and
+# group counts divide by 2 so the same model also runs at tensor_parallel = 2.
+TINY_HYBRID = [
+    "data.seq_len=64",
+    "model.d_model=64",
+    "model.n_layers=3",
+    "model.layer_pattern=[fm, attention, mamba2]",
+    "model.fm.n_heads=2",
+    "model.fm.n_memories=8",
+    "model.fm.d_mem=16",
+    "model.fm.top_k=2",
+    "model.fm.chunk_size=16",
+    "model.mamba2.d_state=16",
+    "model.mamba2.head_dim=32",
+    "model.mamba2.n_groups=2",
+    "model.mamba2.chunk_size=16",
+    "model.attention.n_heads=4",
+    "model.attention.n_kv_heads=2",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+]
