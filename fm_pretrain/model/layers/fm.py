@@ -125,6 +125,7 @@ class FactorizationMemory(nn.Module):
             # The loss averages over heads: this rank's heads, then the mean over TP ranks.
             self.aux_loss = self.cfg.aux_loss_weight * tp_mean(load_balancing_loss(alpha, rows, top_k), self.tp)
 
+        final = None
         if cache is not None and x.shape[1] == 1 and "state" in cache:
             r = self._decode_step(cache, theta, phi, xbar, rows, eta, mu, a)
         elif self.top_k is not None and self.backend == "triton":  # sparse kernels: O(k d_mem) per token
@@ -140,8 +141,6 @@ class FactorizationMemory(nn.Module):
                 output_final_state=cache is not None,
                 backend=self.backend,
             )
-            if cache is not None:
-                cache["state"] = final
         else:
             r, final = fm_recurrence(
                 theta,
@@ -153,8 +152,8 @@ class FactorizationMemory(nn.Module):
                 chunk_size=self.cfg.chunk_size,
                 backend=self.backend,
             )
-            if cache is not None:
-                cache["state"] = final
+        if cache is not None and final is not None:  # prefill: the parallel path's final state seeds decoding
+            cache["state"] = final
         return self._output(r, x)
 
     def _decode_step(self, cache, theta, phi, xbar, rows, eta, mu, a) -> torch.Tensor:
