@@ -39,6 +39,22 @@ def test_chunk_matches_naive_fp64(scalar, T, chunk, n_bounds):
 
 
 @pytest.mark.parametrize("scalar", [False, True])
+def test_document_ids_need_not_increase(scalar):
+    """A document starts wherever the id changes: ids 5 5 2 2 2 5 5 ... are three documents, not two."""
+    gen = torch.Generator().manual_seed(11)
+    T = 23
+    q, k, v, g = make_inputs(2, 2, T, 4, 3, scalar, torch.float64, gen)
+    doc = torch.tensor([[5] * 6 + [2] * 9 + [5] * 8, [1] * 4 + [0] * 4 + [1] * 4 + [0] * 11])
+    renumbered = random_docs(2, T, 0, gen)
+    renumbered[0, 6:], renumbered[0, 15:] = 1, 2
+    renumbered[1, 4:], renumbered[1, 8:], renumbered[1, 12:] = 1, 2, 3
+    o_ref, f_ref = naive_gated_recurrence(q, k, v, g, renumbered, output_final_state=True)
+    o, f = chunk_gated_recurrence(q, k, v, g, doc, output_final_state=True, chunk_size=4)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
 def test_chunk_matches_naive_fp32(scalar):
     gen = torch.Generator().manual_seed(7)
     q, k, v, g = make_inputs(2, 2, 50, 8, 8, scalar, torch.float32, gen)

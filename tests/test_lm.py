@@ -50,6 +50,16 @@ def test_changing_document_a_leaves_document_b_logits_unchanged(name):
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
+def test_document_ids_that_come_back_are_new_documents(name):
+    """ids 3 3 3 1 1 1 3 3 3: the last run is a third document for every mixer (attention masks compare ids)."""
+    lm = tiny_lm(name)
+    ids = torch.randint(0, 64, (1, 18), generator=torch.Generator().manual_seed(3))
+    recurring = torch.tensor([[3] * 6 + [1] * 5 + [3] * 7])
+    increasing = torch.tensor([[0] * 6 + [1] * 5 + [2] * 7])
+    torch.testing.assert_close(lm(ids, recurring).logits, lm(ids, increasing).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
 def test_cached_decoding_reproduces_the_parallel_forward(name):
     lm = tiny_lm(name)
     ids = torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(2))

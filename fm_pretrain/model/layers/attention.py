@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fm_kernels.gated.naive import document_index
 from fm_pretrain.config import AttentionConfig
 from fm_pretrain.model.layers.rope import apply_rope, positions_from_doc_ids, rope_cos_sin
 from fm_pretrain.parallel.layers import column_linear, row_linear
@@ -17,10 +18,15 @@ from fm_pretrain.parallel.sharding import local_size
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, T, T) mask, True where query t may attend key s: s <= t and same document."""
-    T = doc_ids.shape[1]
+    """Boolean (B, 1, T, T) mask, True where query t may attend key s: s <= t and same document.
+
+    A document starts wherever the id changes (as in the recurrent mixers), so an id that comes back later
+    is a new document: ids are renumbered before they are compared.
+    """
+    B, T = doc_ids.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    doc = document_index(doc_ids, B, T, doc_ids.device)
+    same_doc = doc[:, :, None] == doc[:, None, :]
     return (causal & same_doc)[:, None]
 
 

@@ -6,7 +6,7 @@ import torch
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token inside its document: 0 at every document start.
 
-    doc_ids: (B, T) nondecreasing along T. Returns a LongTensor (B, T).
+    doc_ids: (B, T); a document starts wherever the id changes. Returns a LongTensor (B, T).
     """
     B, T = doc_ids.shape
     t = torch.arange(T, device=doc_ids.device).expand(B, T)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..gated.naive import state_dtype
+from ..gated.naive import document_index, state_dtype
 
 
 class RoutedPairs(NamedTuple):
@@ -29,17 +29,6 @@ class RoutedPairs(NamedTuple):
     perm: torch.Tensor  # (B*H, P) int32: pair index t * k + j of each sorted entry
     offsets: torch.Tensor  # (B*H, m + 1) int32: row i's segment is perm[offsets[i]:offsets[i + 1]]
     seg: torch.Tensor  # (B, T) int32: document index of each token (0 for the first document)
-
-
-def document_index(doc_ids: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
-    """(B, T) int32 running count of document starts: the state resets wherever it changes."""
-    if doc_ids is None:
-        return torch.zeros(B, T, dtype=torch.int32, device=device)
-    if doc_ids.shape != (B, T):
-        raise ValueError(f"fm sparse: doc_ids must have shape {(B, T)}, got {tuple(doc_ids.shape)}")
-    starts = torch.zeros(B, T, dtype=torch.int32, device=device)
-    starts[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int32)
-    return starts.cumsum(1, dtype=torch.int32)
 
 
 def sort_pairs(rows: torch.Tensor, n_memories: int, doc_ids: torch.Tensor | None) -> RoutedPairs:

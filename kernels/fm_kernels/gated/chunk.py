@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import state_dtype
+from .naive import document_index, state_dtype
 
 
 def _pad_time(x: torch.Tensor, pad: int, dim: int, value: float = 0.0) -> torch.Tensor:
@@ -45,10 +45,9 @@ def chunk_gated_recurrence(
     C = min(chunk_size, T)
     pad = (-T) % C
     N = (T + pad) // C
-    if doc_ids is None:
-        doc_ids = torch.zeros(B, T, dtype=torch.long, device=q.device)
+    doc = document_index(doc_ids, B, T, q.device)  # increasing: equal ids mean the same document
     # Padding tokens join the last document with k = 0 and g = 0: they leave the state unchanged.
-    seg = torch.cat([doc_ids, doc_ids[:, -1:].expand(B, pad)], dim=1) if pad else doc_ids
+    seg = torch.cat([doc, doc[:, -1:].expand(B, pad)], dim=1) if pad else doc
     q, k, v, g = (_pad_time(x.to(dt), pad, 2) for x in (q, k, v, g))
 
     qc = q.reshape(B, H, N, C, K)

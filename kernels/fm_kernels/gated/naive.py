@@ -17,6 +17,21 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def document_index(doc_ids: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B, T) int32 running count of document starts: a document starts wherever the id changes.
+
+    Every fast path numbers documents this way, so ids need not be increasing or unique per document
+    (ids 7, 7, 3, 3, 7 are three documents, as in the per-step rule above).
+    """
+    if doc_ids is None:
+        return torch.zeros(B, T, dtype=torch.int32, device=device)
+    if doc_ids.shape != (B, T):
+        raise ValueError(f"doc_ids must have shape (batch, time) = {(B, T)}, got {tuple(doc_ids.shape)}")
+    starts = torch.zeros(B, T, dtype=torch.int32, device=device)
+    starts[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int32)
+    return starts.cumsum(1, dtype=torch.int32)
+
+
 def gated_recurrence_step(
     state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 import triton
 
 from . import triton_kernels as kern
+from .naive import document_index
 
 SUB_CHUNK = 16  # rows of the intra-chunk sub-blocks (tl.dot's minimum tile on GPUs)
 
@@ -36,11 +37,7 @@ def document_masks(doc_ids: torch.Tensor | None, B: int, T: int, C: int, device:
     (the naive reference's rule, even if an id comes back later).
     """
     N = triton.cdiv(T, C)
-    if doc_ids is None:
-        seg = torch.zeros(B, T, dtype=torch.int32, device=device)
-    else:
-        change = (doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int32)
-        seg = torch.cat([torch.zeros_like(change[:, :1]), change], dim=1).cumsum(1, dtype=torch.int32)
+    seg = document_index(doc_ids, B, T, device)
     pad = N * C - T
     segc = (torch.cat([seg, seg[:, -1:].expand(B, pad)], dim=1) if pad else seg).view(B, N, C)
     seg_last = segc[:, :, -1]
