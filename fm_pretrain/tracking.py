@@ -1,4 +1,4 @@
-"""MLflow experiment tracking: the only module that talks to MLflow.
+"""MLflow experiment tracking of training runs (evaluation adds to a run by id: fm_pretrain/eval/report.py).
 
 Design notes:
 - Uses an explicit `MlflowClient` (never the fluent `mlflow.start_run` globals), so nothing depends on
