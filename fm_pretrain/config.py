@@ -129,6 +129,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # stop (exit 3) after this many skipped steps in a row; 0: never
     collective_timeout_s: float = 600.0  # a collective waiting longer (dead/hung rank) fails the job
     save_on_signal: bool = True  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
+    allow_data_change: bool = False  # resume although the data (blend, packed data, seq_len, seed) changed
     seed: int = 42
     peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs
 

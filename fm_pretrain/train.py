@@ -16,7 +16,6 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -48,6 +47,7 @@ from fm_pretrain.parallel.state import (
 )
 from fm_pretrain.tracking import Tracker
 from fm_pretrain.training.checkpoint import Layout, find_resume, load_checkpoint, save_checkpoint
+from fm_pretrain.training.data_identity import data_identity
 from fm_pretrain.training.ds_config import build_ds_config, zero_stage
 from fm_pretrain.training.guards import (
     NONFINITE_EXIT_CODE,
@@ -57,6 +57,7 @@ from fm_pretrain.training.guards import (
     guarded_loss,
     injected_nonfinite_steps,
 )
+from fm_pretrain.training.metrics_log import METRICS_FILE, append_metrics, truncate_metrics
 from fm_pretrain.training.schedules import build_scheduler
 from fm_pretrain.training.signals import StopRequest
 
@@ -121,12 +122,6 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> float:
     return float(t[0] / t[1])
 
 
-def append_metrics(path: Path, step: int, metrics: dict) -> None:
-    """metrics.jsonl in the run dir: one line per logged step, readable without MLflow."""
-    with path.open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg: ExperimentConfig = load_config(args.config, args.overrides)
@@ -178,13 +173,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume (train.resume_from, else run_dir/checkpoints/latest; at another layout it reshards) ----
     ckpt_layout = Layout(dp=dp_size, zero_stage=zero_stage(ds_config), tp=layout.tp)
-    ckpt_meta = {"tokenizer_sha256": sha, "config": to_dict(cfg)}
+    identity = data_identity(train_ds, sampler)  # what fixes the sample order; compared on resume
+    ckpt_meta = {"tokenizer_sha256": sha, "data": identity, "config": to_dict(cfg)}
     step, consumed = 0, 0
+    metrics_path = run_dir / METRICS_FILE
     resume_dir = find_resume(ckpt_dir, cfg.train.resume, cfg.train.resume_from)
     if resume_dir is not None:
-        meta = load_checkpoint(engine, resume_dir, ckpt_layout, sha)
+        meta = load_checkpoint(engine, resume_dir, ckpt_layout, sha, identity, cfg.train.allow_data_change)
         step, consumed = int(meta["step"]), int(meta["consumed_samples"])
         log.info("resumed from %s at step %d (%d samples consumed)", resume_dir, step, consumed)
+        if rank == 0:
+            truncate_metrics(metrics_path, step)  # the steps after the checkpoint are replayed: log them once
 
     # ---- tracking (rank 0 only) ----
     tracker = Tracker(cfg.tracking, run_dir, rank)
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             val0 = evaluate(engine, valid_batches, device)
             tracker.log_metrics({"val/loss": val0}, 0)
             if rank == 0:
-                append_metrics(run_dir / "metrics.jsonl", 0, {"val/loss": val0})
+                append_metrics(metrics_path, 0, {"val/loss": val0})
             log.info("step 0  validation loss %.4f", val0)
         engine.train()
         tokens_per_step = global_batch * cfg.data.seq_len
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics["perf/mfu"] = tok_s * flops_per_token / (peak * world)
                 tracker.log_metrics(metrics, step)
                 if rank == 0:
-                    append_metrics(run_dir / "metrics.jsonl", step, metrics)
+                    append_metrics(metrics_path, step, metrics)
                 log.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s",
                     step,
@@ -290,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_metrics = {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}
                 tracker.log_metrics(val_metrics, step)
                 if rank == 0:
-                    append_metrics(run_dir / "metrics.jsonl", step, val_metrics)
+                    append_metrics(metrics_path, step, val_metrics)
                 log.info("step %d  validation loss %.4f", step, val)
 
             delay_step_for_tests()  # test hook, no-op unless its env var is set

@@ -13,6 +13,7 @@
 #SBATCH --output=runs/slurm-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@600
 set -euo pipefail
 
 # sbatch runs a spooled copy of this file, so find the repo from the submit dir unless run in place.

@@ -1,9 +1,13 @@
 """Checkpoint bookkeeping without training: the atomic `latest` pointer, pruning, which checkpoint a run resumes
-from (and when that is an error), RNG states, the loss guard and the stop-signal flag.
+from (and when that is an error), RNG states, the loss guard, the stop-signal flag, the data identity a checkpoint
+records (and what changes it) and the rewind of metrics.jsonl on resume.
 
 The multi-rank behaviour (kills, resharding, skipped steps) is in tests/test_fault_tolerance.py.
 """
 
+import copy
+import json
+import logging
 import os
 import random
 import signal
@@ -14,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from fm_pretrain.config import ConfigError, load_config
+from fm_pretrain.data.blend import BlendedDataset, BlendSampler
+from fm_pretrain.data.packed import GlobalSampler, PackedDataset
 from fm_pretrain.training.checkpoint import (
     META_FILE,
     find_resume,
@@ -23,7 +29,15 @@ from fm_pretrain.training.checkpoint import (
     set_rng_state,
     write_latest,
 )
+from fm_pretrain.training.data_identity import (
+    DataChangedError,
+    check_data_identity,
+    data_identity,
+    differences,
+    packed_fingerprint,
+)
 from fm_pretrain.training.guards import guarded_loss
+from fm_pretrain.training.metrics_log import truncate_metrics
 from fm_pretrain.training.signals import StopRequest
 from tests.conftest import REPO
 
@@ -123,3 +137,81 @@ def test_stop_request_sets_a_flag_and_ranks_agree():
         stop.restore()
         dist.destroy_process_group()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert truncate_metrics(path, 3) == 0 and not path.exists()  # nothing logged yet: nothing created
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / (s + 1)}) for s in range(6)]
+    lines.insert(3, json.dumps({"step": 2, "val/loss": 0.5}))  # two lines of one step (train, then validation)
+    path.write_text("\n".join(lines) + "\n" + '{"step": 6, "train/lo')  # killed while appending step 6
+    assert truncate_metrics(path, 2) == 4  # steps 3, 4, 5 and the torn line
+    assert path.read_text() == "\n".join(lines[:4]) + "\n"  # the kept lines, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+    before = path.stat().st_mtime_ns
+    assert truncate_metrics(path, 2) == 0 and path.stat().st_mtime_ns == before  # a clean file is not rewritten
+
+
+@pytest.fixture(scope="module")
+def train_split(packed):
+    return PackedDataset(packed / "packed", "train", 64)
+
+
+def test_data_identity_changes_with_what_orders_the_samples(packed, train_split):
+    ds = train_split
+    base = data_identity(ds, GlobalSampler(len(ds), seed=42))
+    assert base["sampler"] == "global" and base["seq_len"] == 64 and base["seed"] == 42
+    assert base["sources"][0]["fingerprint"] == packed_fingerprint(ds.meta, "train")
+    assert differences(base, data_identity(ds, GlobalSampler(len(ds), seed=42))) == []
+    moved = copy.deepcopy(base)
+    moved["sources"][0]["path"] = "/elsewhere/packed"
+    assert differences(base, moved) == []  # the same data at another path
+
+    short = PackedDataset(packed / "packed", "train", 32)
+    assert [d.split(":")[0] for d in differences(base, data_identity(short, GlobalSampler(len(short), 42)))] == [
+        "seq_len"
+    ]
+    assert [d.split(":")[0] for d in differences(base, data_identity(ds, GlobalSampler(len(ds), 7)))] == ["seed"]
+    one = data_identity(BlendedDataset([ds]), BlendSampler([len(ds)], [1.0], 42))
+    assert [d.split(":")[0] for d in differences(base, one)] == ["sampler"]  # a blend orders samples differently
+
+    def blend(weights: list[float]) -> dict:
+        return data_identity(BlendedDataset([ds, ds]), BlendSampler([len(ds)] * 2, weights, 42))
+
+    assert differences(blend([1.0, 3.0]), blend([3.0, 9.0])) == []  # weights count normalized
+    assert [d.split(":")[0] for d in differences(blend([1.0, 3.0]), blend([1.0, 1.0]))] == [
+        "sources[0].weight",
+        "sources[1].weight",
+    ]
+    assert differences(base, blend([1.0, 3.0])) == [
+        "sampler: 'global' -> 'blend'",
+        f"sources: 1 -> 2 (paths {[str(ds.data_dir)]} -> {[str(ds.data_dir)] * 2})",
+    ]
+    # Repacked data: other shard sizes, or other input files, give another fingerprint.
+    for change in ("shards", "sources"):
+        meta = copy.deepcopy(ds.meta)
+        if change == "shards":
+            meta["splits"]["train"]["shards"][0]["docs"] += 1
+        else:
+            meta["sources"][0]["sha256"] = "0" * 64
+        assert packed_fingerprint(meta, "train") != packed_fingerprint(ds.meta, "train"), change
+    assert packed_fingerprint(ds.meta, "valid") != packed_fingerprint(ds.meta, "train")
+
+
+def test_a_data_change_on_resume_is_an_error_unless_allowed(train_split, caplog):
+    ds = train_split
+    saved = data_identity(ds, GlobalSampler(len(ds), seed=42))
+    now = data_identity(ds, GlobalSampler(len(ds), seed=43))
+    meta = {"step": 30, "consumed_samples": 120, "data": saved}
+    check_data_identity(meta, saved, allow_change=False, where="ck/meta.json")  # unchanged: nothing to say
+    with pytest.raises(DataChangedError, match=r"ck/meta.json: .*seed: 42 -> 43\. Set train.allow_data_change=true"):
+        check_data_identity(meta, now, allow_change=False, where="ck/meta.json")
+    with caplog.at_level(logging.WARNING, logger="fm_pretrain.training.data_identity"):
+        check_data_identity(meta, now, allow_change=True, where="ck/meta.json")
+        check_data_identity({"step": 30}, now, allow_change=False, where="old/meta.json")  # written before the record
+    assert "data changed (train.allow_data_change=true), continuing from sample 120" in caplog.text
+    assert "old/meta.json records no data identity" in caplog.text
+    cfg = load_config(REPO / "configs" / "demo_tiny.yaml", ["train.allow_data_change=true"])
+    assert cfg.train.allow_data_change is True
+    with pytest.raises(ConfigError, match="train.allow_data_change"):
+        load_config(REPO / "configs" / "demo_tiny.yaml", ["train.allow_data_change=maybe"])

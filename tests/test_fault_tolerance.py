@@ -4,8 +4,9 @@ One uninterrupted reference run (ZeRO-2, a checkpoint every step) is compared ag
 - a chain of interrupted runs in one run directory: killed in the middle of a save, `kill -9` of one rank (the
   job must exit non-zero within train.collective_timeout_s), of the whole job, of the other rank (three kill points
   drawn with a seeded RNG), SIGUSR1 (checkpoint and exit 0), then a resume to the end: every logged loss is
-  bit-identical (fp32) to the reference;
+  bit-identical (fp32) to the reference, and metrics.jsonl holds every step once (the replayed ones are rewound);
 - resumes of a reference checkpoint at DP=1 and under ZeRO-3 (the global batch kept by grad_accum);
+- a resume with other data (a blend instead of the packed directory) stops with an error naming what changed;
 - a run with injected non-finite losses: skipped, counted, and N in a row stop the run.
 """
 
@@ -168,11 +169,12 @@ def test_interrupted_runs_resume_bit_identically(packed, tmp_path, reference):
     assert "stop signal" in log_tail(run_dir)
     assert max(s for s, _ in rows(run_dir)) == stopped_at, "steps ran after the stop signal"
 
-    # 6. Resume to the end.
+    # 6. Resume to the end. Each resume rewound metrics.jsonl to its checkpoint: one clean history.
     assert finish(start(packed, run_dir, *opts)) == 0, log_tail(run_dir)
     got = rows(run_dir)
-    assert {s for s, _ in got} == set(range(1, STEPS + 1))
-    for step, loss in got:  # steps repeated after each resume must repeat the same values too
+    assert [s for s, _ in got] == list(range(1, STEPS + 1)), f"steps logged: {[s for s, _ in got]} (kills at {kills})"
+    assert [s for s, _ in rows(run_dir, "val/loss")] == [0, STEPS]
+    for step, loss in got:
         assert loss == want[step], f"step {step}: {loss!r} != uninterrupted {want[step]!r} (kills at {kills})"
 
 
@@ -212,6 +214,21 @@ def test_checkpoint_reshards_to_dp1_and_zero3(packed, tmp_path, reference):
         assert got[step + 1] == pytest.approx(want[step + 1], rel=1e-12, abs=0), name
         assert got[step + 2] == pytest.approx(want[step + 2], rel=1e-5, abs=0), name
         assert "resharding" in (run_dir.parent / f"{run_dir.name}.log").read_text()
+
+
+def test_resuming_with_other_data_is_an_error_naming_the_change(packed, tmp_path, reference):
+    ref_dir, _ = reference
+    step_dir = ref_dir / "checkpoints" / "step_5"
+    blend = tmp_path / "blend.yaml"  # the same packed data, blended with itself: another sample order
+    blend.write_text("train:\n" + "".join(f"- {{path: {packed / 'packed'}, weight: {w}}}\n" for w in (1, 3)))
+    run_dir = tmp_path / "blend"
+    proc = start(packed, run_dir, "train.steps=6", f"train.resume_from={step_dir}", f"data.blend={blend}",
+                 "data.path=''", nproc=1)  # fmt: skip
+    assert finish(proc) != 0
+    out = log_tail(run_dir)
+    assert f"error: {step_dir / 'meta.json'}: the checkpoint was trained on other data" in out
+    assert "sampler: 'global' -> 'blend'; sources: 1 -> 2" in out and "train.allow_data_change=true" in out
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(packed, tmp_path):

@@ -2,7 +2,9 @@
 
 The module fixture starts its own munged and Slurm daemons with every state, spool, socket and log file in a
 temp dir and private ports, so it touches neither /etc/slurm nor a system munged; it stops them by PID. Jobs
-submit the real `slurm/pretrain_1b.sh`, overriding its GPU-node resources on the sbatch command line.
+submit the real `slurm/pretrain_1b.sh`, overriding its GPU-node resources on the sbatch command line. Besides
+training runs, a stop signal sent with scancel (to the batch shell, as `#SBATCH --signal=B:USR1@T` does, or to the
+job step) must checkpoint, end the job cleanly and requeue it, and the requeued job resume from that checkpoint.
 Needs: root, and `apt-get install -y slurm-wlm munge` (Debian/Ubuntu); skipped otherwise.
 """
 
@@ -15,10 +17,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from fm_pretrain.training.guards import STEP_DELAY_ENV
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -28,7 +32,8 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sc
 # The script's defaults ask for 8 GPUs and a whole node for 48 h; this node has 2 CPUs and no GPUs.
 # --oversubscribe undoes the script's --exclusive, with which Slurm hands a job all of the node's GPUs.
 CPU_NODE = ["--gres=none", "--oversubscribe"]
-JOB = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10", "--mem=0"]
+# --time=30: the script's --signal=B:USR1@600 (stop 10 minutes before the limit) must not fire during a test.
+JOB = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=30", "--mem=0"]
 TINY_MODEL = [
     "data.seq_len=64",
     "model.d_model=64",
@@ -246,3 +251,77 @@ def test_a_bad_override_fails_the_job_fast_with_a_clear_message(cluster, tmp_pat
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), f"job {job}\n{output}"
     assert "stepz" in output and "Traceback" not in output
     assert not (tmp_path / "run").exists(), "nothing should start before the config is valid"
+
+
+def job_fields(cluster: Cluster, job_id: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", cluster.cmd("scontrol", "show", "job", "-o", job_id)))
+
+
+def poll(what: str, check, timeout: float, details=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s\n{details()}"
+        time.sleep(0.5)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.parametrize(
+    ("scancel", "requeue"),
+    [
+        # To the batch shell only, as `#SBATCH --signal=B:USR1@T` does: its trap forwards the signal to the step.
+        pytest.param(["--batch", "--signal=USR1"], True, id="batch-usr1-requeue"),
+        # To every process of the step (torchrun and the ranks), as `--signal=TERM@T`: torchrun must stay out of it.
+        pytest.param(["--signal=TERM"], False, id="step-term"),
+    ],
+)
+def test_a_stop_signal_checkpoints_ends_the_job_cleanly_and_requeues(cluster, packed, tmp_path, scancel, requeue):
+    steps = 6
+    run_dir = tmp_path / "run"
+    log = tmp_path / "slurm-%j.out"
+    data = [f"data.path={packed / 'packed'}", f"data.tokenizer={packed / 'tokenizer.model'}"]
+    overrides = [*data, *TINY_MODEL, f"train.steps={steps}", "train.save_every=100", "tracking.enabled=false"]
+    env = {"CONFIG": "configs/demo_tiny.yaml", "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2", STEP_DELAY_ENV: "0.5"}
+    flag = "--requeue" if requeue else "--no-requeue"
+    job_id = cluster.submit(*JOB, *CPU_NODE, flag, f"--output={log}", str(SCRIPT), *overrides, env=env)
+    out = Path(str(log).replace("%j", job_id))
+    full = lambda: out.read_text() if out.exists() else ""
+    output = lambda: full()[-4000:] or "(no job output)"  # for failure messages
+
+    state = lambda: job_fields(cluster, job_id)["JobState"]
+    logged_2 = lambda: max(train_steps(run_dir), default=0) >= 2 or state() not in ("PENDING", "RUNNING")
+    poll("step 2 was not logged", logged_2, 300, output)
+    assert state() == "RUNNING", f"the job ended before the signal was sent\n{output()}"
+    cluster.cmd("scancel", *scancel, job_id)
+
+    if requeue:  # the job puts itself back in the queue; Slurm holds a requeued job for 2 minutes: start it now
+        requeued = lambda: [job_fields(cluster, job_id)[k] for k in ("JobState", "Restarts")] == ["PENDING", "1"]
+        poll(f"job {job_id} was not requeued", requeued, 120, output)
+    else:
+        job = cluster.wait_job(job_id, timeout=120)
+        assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), output()
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 2 <= stopped_at < steps and max(train_steps(run_dir)) == stopped_at, output()
+    first = full()
+    assert f"saved the checkpoint of step {stopped_at}, exiting" in first
+    assert "Traceback" not in first and "SignalException" not in first
+    if not requeue:
+        assert f"stopped at step {stopped_at} of {steps} (checkpoint saved); the job is not requeueable" in first
+        return
+
+    assert "the batch shell got SIGUSR1" in first
+    assert f"stopped at step {stopped_at} of {steps} (checkpoint saved); requeueing job {job_id}" in first
+    # slurmd revoked the first run's job credential at the requeue (SubmitTime), with one-second resolution: a new one
+    # issued within the same second counts as revoked ("Job credential revoked"), so start it a little later.
+    requeued_at = datetime.fromisoformat(job_fields(cluster, job_id)["SubmitTime"]).timestamp()
+    time.sleep(max(0.0, requeued_at + 2 - time.time()))
+    cluster.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job = cluster.wait_job(job_id, timeout=300)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), output()
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in full(), output()
+    assert train_steps(run_dir) == list(range(1, steps + 1))  # every step once: the resume continued the history
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{steps}"

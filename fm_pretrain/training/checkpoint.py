@@ -5,7 +5,8 @@ Layout of `run_dir/checkpoints/`:
     latest                  the newest complete tag; replaced atomically (tmp file + os.replace), written last
     step_<N>/               DeepSpeed's files (model, optimizer, LR scheduler, client state {step, consumed_samples})
       rng_rank<R>.pt        python / numpy / torch (/ cuda) RNG states of rank R
-      meta.json             step, consumed_samples, layout {dp, zero_stage, tp}, tokenizer hash, resolved config
+      meta.json             step, consumed_samples, layout {dp, zero_stage, tp}, tokenizer hash, data identity,
+                            resolved config
       universal/            the layout-free form (full tensors by parameter name), written on demand (reshard.py)
       universal_tp<K>/      that form re-cut for a TP size K: rank<r>/ per TP rank, written on demand (reshard.py)
     step_<N>.tmp/           a save in progress; DeepSpeed writes here, rank 0 renames it to step_<N> when complete
@@ -224,12 +225,21 @@ def find_resume(ckpt_dir: Path, resume: bool, resume_from: str | None) -> Path |
     return ckpt_dir / tag
 
 
-def load_checkpoint(engine, tag_dir: Path, layout: Layout, tokenizer_sha256: str | None) -> dict[str, Any]:
+def load_checkpoint(
+    engine,
+    tag_dir: Path,
+    layout: Layout,
+    tokenizer_sha256: str | None,
+    data: dict[str, Any] | None = None,
+    allow_data_change: bool = False,
+) -> dict[str, Any]:
     """Load model, optimizer, scheduler and RNG states; returns meta.json ({step, consumed_samples, ...}).
 
     At the layout the checkpoint was written with, DeepSpeed loads its own files (bit-exact). At another
     layout (data-parallel size, ZeRO stage), the checkpoint goes through DeepSpeed's universal form.
+    `data` is this run's data identity (data_identity.py): checked against the checkpoint's before anything loads.
     """
+    from fm_pretrain.training.data_identity import check_data_identity
     from fm_pretrain.training.reshard import load_resharded
 
     meta = read_meta(tag_dir)
@@ -239,6 +249,8 @@ def load_checkpoint(engine, tag_dir: Path, layout: Layout, tokenizer_sha256: str
             f"{tag_dir / META_FILE}: tokenizer_sha256 {saved_sha[:12]}... differs from data.tokenizer's "
             f"{tokenizer_sha256[:12]}...; this checkpoint was trained on other token ids"
         )
+    if data is not None:
+        check_data_identity(meta, data, allow_data_change, str(tag_dir / META_FILE))
     saved = Layout(**meta["layout"])
     if saved == layout:
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
