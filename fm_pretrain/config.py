@@ -152,6 +152,21 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation during training (docs/evaluation.md); `python -m fm_pretrain.eval` does it offline."""
+
+    enabled: bool = False
+    every: int = 0  # evaluate every this many steps; 0: only after the last step (always after the last step)
+    tasks: str = "all"  # comma-separated task names or the groups en, ja, all
+    num_fewshot: int = 0
+    limit: int | None = 100  # items per task (None: all); the bundled fixtures hold 30
+    data_dir: str = ""  # a directory laid out like data/eval; empty: the bundled fixtures
+    batch_size: int = 8
+    max_length: int | None = None  # None: model.max_seq_len
+    seed: int = 1234
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +174,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +334,32 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
     if cfg.data.path and cfg.data.blend:
         raise ConfigError("data.blend: set data.path (one packed directory) or data.blend (a blend YAML), not both")
+    _validate_eval(cfg)
     return cfg
+
+
+def _validate_eval(cfg: ExperimentConfig) -> None:
+    e = cfg.eval
+    if e.every < 0 or e.num_fewshot < 0 or e.batch_size < 1 or (e.limit is not None and e.limit < 1):
+        raise ConfigError(
+            f"eval: need every >= 0, num_fewshot >= 0, batch_size >= 1, limit >= 1 or null; got every={e.every}, "
+            f"num_fewshot={e.num_fewshot}, batch_size={e.batch_size}, limit={e.limit}"
+        )
+    if not e.enabled:
+        return
+    from fm_pretrain.eval.tasks import resolve_tasks  # lazy: the eval package imports this module
+
+    try:
+        resolve_tasks(e.tasks)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"eval.tasks: {err}") from None
+    if not cfg.data.tokenizer:
+        raise ConfigError("eval.enabled: downstream evaluation needs data.tokenizer (the sentencepiece model)")
+    if cfg.parallel.tensor_parallel > 1:
+        raise ConfigError(
+            "eval.enabled: evaluation during training needs parallel.tensor_parallel=1 (whole weights on rank 0); "
+            "evaluate the saved checkpoints with `python -m fm_pretrain.eval --checkpoint STEP_DIR` instead"
+        )
 
 
 def _validate_parallel(cfg: ExperimentConfig) -> None:

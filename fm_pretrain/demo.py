@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         f"train.eval_every={max(1, args.steps // 4)}",
         f"train.save_every={args.steps}",
         "train.resume=false",
+        "eval.enabled=true",  # after the last step: the 17 English/Japanese tasks, 20 items each
+        "eval.limit=20",
     ]
     if torch.cuda.is_available():
         overrides.append("train.precision=bf16")
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"         step {step:5d}   {loss:.4f}")
     fell = len(val) >= 2 and val[-1][1] < val[0][1]
     print(f"[demo] validation loss {'fell' if fell else 'did NOT fall'}: {val[0][1]:.4f} -> {val[-1][1]:.4f}")
+    if cfg.eval.enabled:
+        results = run_dir / "eval" / f"step_{args.steps}" / "eval_results.json"
+        tasks = json.loads(results.read_text())["tasks"]
+        print(f"[demo] downstream evaluation of {len(tasks)} EN/JA tasks (near chance for a model this small): {results}")
     print(f"[demo] done in {time.time() - t0:.0f} s. Open the MLflow UI on this run with:")
     print(f"         mlflow ui --backend-store-uri {uri} --port 5000   # then browse http://127.0.0.1:5000")
     return 0 if fell else 2

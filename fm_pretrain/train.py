@@ -37,6 +37,7 @@ from fm_pretrain.data import DataError
 from fm_pretrain.data.blend import build_train_valid
 from fm_pretrain.data.packed import micro_batches
 from fm_pretrain.data.tokenizer import Tokenizer
+from fm_pretrain.eval import during_training as downstream
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.model.flops import peak_flops_per_device, training_flops_per_token
 from fm_pretrain.parallel.state import (
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ds_config = build_ds_config(cfg, dp_size)
+    downstream.check_zero_stage(cfg.eval, zero_stage(ds_config))
     # mpu: ZeRO partitions and averages over the data-parallel group only, and the grad norm for clipping
     # sums each TP shard once and each replicated parameter once.
     engine, _, _, _ = deepspeed.initialize(
@@ -291,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                 if rank == 0:
                     append_metrics(metrics_path, step, val_metrics)
                 log.info("step %d  validation loss %.4f", step, val)
+
+            if downstream.due(cfg.eval, step, cfg.train.steps):  # English/Japanese tasks, scored on rank 0
+                downstream.evaluate_in_training(cfg.eval, engine.module, tokenizer, step, rank, tracker, run_dir)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
 
             delay_step_for_tests()  # test hook, no-op unless its env var is set
             stopping = stop.agreed(device)  # SIGTERM/SIGUSR1 on any rank: every rank stops after this step

@@ -33,6 +33,13 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
             {"model": {"layer_pattern": ["attention"], "d_model": 100, "attention": {"n_heads": 3}}},
             "model.attention.n_heads",
         ),  # fmt: skip
+        ({"eval": {"every": -1}}, "eval"),
+        ({"eval": {"enabled": True, "tasks": "hellaswag,mmlu"}, "data": {"tokenizer": "t.model"}}, "eval.tasks"),
+        ({"eval": {"enabled": True}}, "eval.enabled"),  # no data.tokenizer
+        (
+            {"eval": {"enabled": True}, "data": {"tokenizer": "t.model"}, "parallel": {"tensor_parallel": 2}},
+            "eval.enabled",
+        ),  # fmt: skip
     ],
 )
 def test_bad_values_name_the_key(raw, key):
@@ -98,3 +105,18 @@ def test_ds_config_clash_is_an_error(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 1},\n  "bf16": }')
     with pytest.raises(ConfigError, match=f"{ds}:2: not valid JSON"):
         build_ds_config(cfg, dp_size=1)
+
+
+def test_downstream_eval_schedule_and_zero3_refusal():
+    from fm_pretrain.eval.during_training import check_zero_stage, due
+
+    cfg = from_dict({"eval": {"enabled": True, "every": 3}, "data": {"tokenizer": "t.model"}}).eval
+    assert [s for s in range(1, 11) if due(cfg, s, last_step=10)] == [3, 6, 9, 10]
+    cfg.every = 0
+    assert [s for s in range(1, 11) if due(cfg, s, last_step=10)] == [10]
+    check_zero_stage(cfg, 2)
+    with pytest.raises(ConfigError, match="eval.enabled: .*ZeRO-3"):
+        check_zero_stage(cfg, 3)
+    cfg.enabled = False
+    assert not due(cfg, 10, last_step=10)
+    check_zero_stage(cfg, 3)

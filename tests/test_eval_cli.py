@@ -11,15 +11,44 @@ from tests.train_runs import TINY_HYBRID, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
 TASKS = "boolq,winogrande,lambada_openai,jcommonsenseqa,niilc,mgsm_ja"
+IN_TRAINING_TASKS = "arc_easy,xwinograd_jp,jsquad"  # evaluated by train.py itself (config section `eval`)
 
 
 @pytest.fixture(scope="module")
 def trained(packed, tmp_path_factory):
-    """A 2-step run of the tiny FM + attention + Mamba-2 hybrid, checkpointed at step 2 (ZeRO-1, one rank)."""
+    """A 2-step run of the tiny FM + attention + Mamba-2 hybrid, checkpointed at step 2 (ZeRO-1, 2 ranks), which
+    also runs downstream evaluation itself after steps 1 and 2."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     opts = ["train.steps=2", "train.save_every=2", "train.eval_every=2", "train.ds_config=ds_configs/zero1.json"]
-    run_training(run_dir, [*data_overrides(packed), *TINY_HYBRID, *opts], nproc=1)
+    evals = ["eval.enabled=true", "eval.every=1", f"eval.tasks={IN_TRAINING_TASKS}", "eval.limit=2"]
+    run_training(run_dir, [*data_overrides(packed), *TINY_HYBRID, *opts, *evals], nproc=2)
     return run_dir
+
+
+def test_training_evaluates_downstream_and_matches_the_offline_cli(trained):
+    """train.py's own evaluation (eval.enabled) logs eval/<task>/<metric> at steps 1 and 2 into its run, and its
+    step-2 results equal the CLI's on the step-2 checkpoint: the same weights, prompts and scoring."""
+    from mlflow import MlflowClient
+
+    in_training = json.loads((trained / "eval" / "step_2" / "eval_results.json").read_text())
+    assert (trained / "eval" / "step_1" / "accuracy.png").is_file()
+    assert list(in_training["tasks"]) == IN_TRAINING_TASKS.split(",")
+    argv = ["--checkpoint", str(trained / "checkpoints" / "step_2"), "--tasks", IN_TRAINING_TASKS]
+    assert main([*argv, "--limit", "2", "--no-mlflow", "--no-progress"]) == 0
+    offline = json.loads((trained / "checkpoints" / "step_2" / "eval_results.json").read_text())
+    for name, res in in_training["tasks"].items():
+        assert res["counts"]["scored"] == 2, name
+        for metric, value in res["metrics"].items():
+            assert offline["tasks"][name]["metrics"][metric] == pytest.approx(value, abs=1e-9), f"{name}/{metric}"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained / 'mlflow.db'}")
+    run_id = (trained / "mlflow_run_id").read_text().strip()
+    history = client.get_metric_history(run_id, "eval/arc_easy/acc_norm")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert {a.path for a in client.list_artifacts(run_id, "eval/step_1")} == {
+        "eval/step_1/eval_results.json",
+        "eval/step_1/accuracy.png",
+    }
 
 
 def test_cli_writes_results_and_logs_into_the_training_run(trained, capsys):
