@@ -18,12 +18,15 @@ import torch
 import torch.distributed as dist
 
 from fm_pretrain.config import ConfigError, load_config
+from fm_pretrain.data import DataError
 from fm_pretrain.data.blend import BlendedDataset, BlendSampler
 from fm_pretrain.data.packed import GlobalSampler, PackedDataset
 from fm_pretrain.training.checkpoint import (
     META_FILE,
+    Layout,
     find_resume,
     latest_tag,
+    load_checkpoint,
     prune,
     rng_state,
     set_rng_state,
@@ -215,3 +218,12 @@ def test_a_data_change_on_resume_is_an_error_unless_allowed(train_split, caplog)
     assert cfg.train.allow_data_change is True
     with pytest.raises(ConfigError, match="train.allow_data_change"):
         load_config(REPO / "configs" / "demo_tiny.yaml", ["train.allow_data_change=maybe"])
+
+
+def test_resuming_with_another_tokenizer_is_a_data_error_naming_the_file(tmp_path):
+    """A DataError, so train.py prints one line and exits 2; checked before anything is loaded."""
+    tag_dir = tmp_path / "step_5"
+    tag_dir.mkdir()
+    (tag_dir / META_FILE).write_text(json.dumps({"step": 5, "tokenizer_sha256": "a" * 64}))
+    with pytest.raises(DataError, match=r"step_5/meta.json: tokenizer_sha256 aaaaaaaaaaaa\.\.\. differs"):
+        load_checkpoint(None, tag_dir, Layout(dp=1, zero_stage=1, tp=1), "b" * 64)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fm_pretrain.data import DataError
+
 log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -245,7 +247,7 @@ def load_checkpoint(
     meta = read_meta(tag_dir)
     saved_sha = meta.get("tokenizer_sha256")
     if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
-        raise ValueError(
+        raise DataError(
             f"{tag_dir / META_FILE}: tokenizer_sha256 {saved_sha[:12]}... differs from data.tokenizer's "
             f"{tokenizer_sha256[:12]}...; this checkpoint was trained on other token ids"
         )
