@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.eval.enabled:
         results = run_dir / "eval" / f"step_{args.steps}" / "eval_results.json"
         tasks = json.loads(results.read_text())["tasks"]
-        print(f"[demo] downstream evaluation of {len(tasks)} EN/JA tasks (near chance for a model this small): {results}")
+        print(f"[demo] downstream evaluation of {len(tasks)} EN/JA tasks (near chance at this size): {results}")
     print(f"[demo] done in {time.time() - t0:.0f} s. Open the MLflow UI on this run with:")
     print(f"         mlflow ui --backend-store-uri {uri} --port 5000   # then browse http://127.0.0.1:5000")
     return 0 if fell else 2
