@@ -150,34 +150,28 @@ def tsv(n_cols: int):
     return lambda path: read_tsv(Path(path), n_cols)
 
 
+def mgsm_task(lang: str, path: str, question: str, answer: str, answer_prefix: str) -> Task:
+    """MGSM in one language: greedy generation, scored on the last number of the answer."""
+    prompt = partial(mgsm, question=question, answer=answer, answer_prefix=answer_prefix)
+    return Task(
+        f"mgsm_{lang}", lang, "generate", path, tsv(2), prompt, numeric=True, max_new_tokens=16, primary="exact_match"
+    )
+
+
+def xwinograd_task(name: str, lang: str, path: str) -> Task:
+    """XWinograd in one language: partial scoring; the rows marked train are the few-shot pool."""
+    return Task(name, lang, "choice", path, tsv(XWINOGRAD_COLS), xwinograd, split=xwinograd_split, partial=True)
+
+
 TASKS = [
     Task("arc_easy", "en", "choice", "en/arc_easy/validation.jsonl", read_jsonl, arc, primary="acc_norm"),
     Task("arc_challenge", "en", "choice", "en/arc_challenge/validation.jsonl", read_jsonl, arc, primary="acc_norm"),
     Task("boolq", "en", "choice", "en/boolq/validation.jsonl", read_jsonl, boolq),
     Task("hellaswag", "en", "choice", "en/hellaswag/validation.jsonl", read_jsonl, hellaswag, primary="acc_norm"),
     Task("lambada_openai", "en", "lastword", "en/lambada_openai/test.jsonl", read_jsonl, lambada),
-    Task(
-        "mgsm_en",
-        "en",
-        "generate",
-        "en/mgsm/mgsm_en.tsv",
-        tsv(2),
-        partial(mgsm, question="Question: ", answer="Answer:", answer_prefix=" "),
-        numeric=True,
-        max_new_tokens=16,
-        primary="exact_match",
-    ),  # fmt: skip
+    mgsm_task("en", "en/mgsm/mgsm_en.tsv", question="Question: ", answer="Answer:", answer_prefix=" "),
     Task("openbookqa", "en", "choice", "en/openbookqa/validation.jsonl", read_jsonl, openbookqa, primary="acc_norm"),
     Task("piqa", "en", "choice", "en/piqa/validation.jsonl", read_jsonl, piqa, primary="acc_norm"),
     Task("winogrande", "en", "choice", "en/winogrande/validation.jsonl", read_jsonl, winogrande, partial=True),
-    Task(
-        "xwinograd_en",
-        "en",
-        "choice",
-        "en/xwinograd/xwinograd_en.tsv",
-        tsv(XWINOGRAD_COLS),
-        xwinograd,
-        split=xwinograd_split,
-        partial=True,
-    ),  # fmt: skip
+    xwinograd_task("xwinograd_en", "en", "en/xwinograd/xwinograd_en.tsv"),
 ]

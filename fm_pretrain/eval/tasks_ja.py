@@ -6,11 +6,9 @@ the full-width colon directly, with no space, as Japanese text does.
 
 from __future__ import annotations
 
-from functools import partial
-
 from .items import Item, SkipItem, Task
 from .readers import EvalDataError, Record, read_json_array, read_jsonl, read_niilc_xml, read_squad
-from .tasks_en import XWINOGRAD_COLS, mc_item, mgsm, tsv, xwinograd, xwinograd_split
+from .tasks_en import mc_item, mgsm_task, xwinograd_task
 
 JNLI_LABELS = {"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}
 JCQA_CHOICES = 5
@@ -84,26 +82,7 @@ TASKS = [
         fewshot_path="ja/jemhopqa/train.json",
         primary="char_f1",
     ),  # fmt: skip
-    Task(
-        "mgsm_ja",
-        "ja",
-        "generate",
-        "ja/mgsm/mgsm_ja.tsv",
-        tsv(2),
-        partial(mgsm, question="問題：", answer="答え：", answer_prefix=""),
-        numeric=True,
-        max_new_tokens=16,
-        primary="exact_match",
-    ),  # fmt: skip
+    mgsm_task("ja", "ja/mgsm/mgsm_ja.tsv", question="問題：", answer="答え：", answer_prefix=""),
     Task("niilc", "ja", "generate", "ja/niilc/dev.xml", read_niilc_xml, niilc, primary="char_f1"),
-    Task(
-        "xwinograd_jp",
-        "ja",
-        "choice",
-        "ja/xwinograd/xwinograd_jp.tsv",
-        tsv(XWINOGRAD_COLS),
-        xwinograd,
-        split=xwinograd_split,
-        partial=True,
-    ),  # fmt: skip
+    xwinograd_task("xwinograd_jp", "ja", "ja/xwinograd/xwinograd_jp.tsv"),
 ]
