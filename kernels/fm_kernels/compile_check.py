@@ -117,13 +117,14 @@ class CompileRecorder:
             recorder._record(fn, kernel)
             return kernel
 
+        self._previous_driver = driver._active  # None until Triton first needs one (none exists without a GPU)
         driver.set_active(_CompileOnlyDriver(self.arch))
         JITFunction.run = run
         return self
 
     def __exit__(self, *exc):
         self._JITFunction.run = self._original_run
-        self._driver.reset_active() if torch.cuda.is_available() else setattr(self._driver, "_active", None)
+        self._driver._active = self._previous_driver
         return False
 
     def _record(self, fn, kernel) -> None:
