@@ -29,22 +29,14 @@ from fm_pretrain.launch import train_command, train_env
 from fm_pretrain.training.checkpoint import CRASH_IN_SAVE_ENV, latest_tag
 from fm_pretrain.training.guards import NONFINITE_ENV, STEP_DELAY_ENV
 from tests.conftest import REPO
+from tests.train_runs import TINY_FM_ATTENTION
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "demo_tiny.yaml"
 STEPS = 14
 TIMEOUT_S = 60  # train.collective_timeout_s of the chain: a dead rank must end the job within it
 SMALL = [
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.layer_pattern=[fm, attention]",
-    "model.fm.n_heads=2",
-    "model.fm.n_memories=8",
-    "model.fm.d_mem=16",
-    "model.fm.top_k=2",
-    "model.fm.chunk_size=16",
-    "model.attention.n_heads=2",
+    *TINY_FM_ATTENTION,
     "train.micro_batch_size=2",
     "train.grad_accum=2",
     "train.log_every=1",

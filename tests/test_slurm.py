@@ -24,6 +24,7 @@ import pytest
 
 from fm_pretrain.training.guards import STEP_DELAY_ENV
 from tests.conftest import REPO
+from tests.train_runs import TINY_FM_ATTENTION
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "pretrain_1b.sh"
@@ -35,16 +36,7 @@ CPU_NODE = ["--gres=none", "--oversubscribe"]
 # --time=30: the script's --signal=B:USR1@600 (stop 10 minutes before the limit) must not fire during a test.
 JOB = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=30", "--mem=0"]
 TINY_MODEL = [
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.layer_pattern=[fm, attention]",  # a value with a space: checks quoting through sbatch and srun
-    "model.fm.n_heads=2",
-    "model.fm.n_memories=8",
-    "model.fm.d_mem=16",
-    "model.fm.top_k=2",
-    "model.fm.chunk_size=16",
-    "model.attention.n_heads=2",
+    *TINY_FM_ATTENTION,  # its layer_pattern holds a space: checks quoting through sbatch and srun
     "train.steps=3",
     "train.micro_batch_size=2",
     "train.log_every=1",

@@ -27,6 +27,21 @@ def run_training(run_dir: Path, overrides: list[str], nproc: int = 2) -> list[di
     return read_metrics(run_dir)
 
 
+# A tiny FM + attention model for the runs that test the machinery around training (faults, Slurm), not the mixers.
+# Its layer_pattern value holds a space, which checks the quoting of overrides through sbatch and srun.
+TINY_FM_ATTENTION = [
+    "data.seq_len=64",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.layer_pattern=[fm, attention]",
+    "model.fm.n_heads=2",
+    "model.fm.n_memories=8",
+    "model.fm.d_mem=16",
+    "model.fm.top_k=2",
+    "model.fm.chunk_size=16",
+    "model.attention.n_heads=2",
+]
+
 # A tiny hybrid of all three mixers, so one run exercises FM (sparse), attention (GQA) and Mamba-2; head and
 # group counts divide by 2 so the same model also runs at tensor_parallel = 2.
 TINY_HYBRID = [
