@@ -16,9 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU tensors
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TINY_DATA = REPO / "data" / "tiny"
+from tests.helpers.paths import REPO, SHARED_DATA, TINY_DATA  # noqa: E402, F401
 
 
 @pytest.fixture

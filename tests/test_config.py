@@ -9,7 +9,7 @@ import yaml
 from fm_pretrain.config import ConfigError, from_dict, load_config
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.training.ds_config import build_ds_config
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

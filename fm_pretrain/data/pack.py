@@ -46,11 +46,11 @@ from fm_pretrain.data.shards import (
     write_meta,
 )
 from fm_pretrain.data.tokenizer import Tokenizer
+from fm_pretrain.testing import faults
 
 SPLITS = ("train", "valid")
 REJECT_KINDS = ("bad_line", "undecodable", "empty", "too_long")
 DEFAULT_SHARD_BYTES = 32 << 20  # of input text per chunk (= per shard): ~8M tokens, a 16 MiB uint16 shard
-KILL_ENV = "FM_PACK_TEST_KILL_CHUNK"  # testing hook: SIGKILL the whole packing mid-way through this chunk
 _ENCODE_CHARS = 1 << 20  # texts per encode call: bounds the worker's Python int lists
 _SHARD_FILE = re.compile(r"^(train|valid)_\d{5}\.(bin|idx\.npy)(\.tmp)?$")
 _CHUNK_FILE = re.compile(r"^\d{5}\.json(\.tmp)?$")
@@ -274,7 +274,7 @@ def _pack_chunk(chunk: int, src: Source, block: Block) -> dict[str, Any]:
             lines.append(rec.line)
 
     files = {s: _SplitFile(out, shard_name(s, chunk)) for s in SPLITS}
-    kill = os.environ.get(KILL_ENV) == str(chunk)
+    kill = faults.in_pack_chunk(chunk)  # fault injection (tests): crash mid-way through this chunk
     for batch, batch_lines in _encode_batches(texts, lines):
         is_valid = holdout_mask(opts.seed, block.source_index, np.asarray(batch_lines), opts.valid_fraction)
         pieces: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
@@ -297,7 +297,7 @@ def _pack_chunk(chunk: int, src: Source, block: Block) -> dict[str, Any]:
             for f in files.values():
                 if f.file is not None:
                     f.file.flush()
-            os.killpg(os.getpgrp(), signal.SIGKILL)
+            faults.kill_process_group()
     shards = {s: files[s].commit() for s in SPLITS}
     for s, shard in shards.items():
         counts["stored_docs"][s] = shard["docs"] if shard else 0

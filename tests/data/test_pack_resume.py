@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fm_pretrain.data.pack import KILL_ENV, pack
+from fm_pretrain.data.pack import pack
 from fm_pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from fm_pretrain.testing.faults import fault_env
+from tests.helpers.paths import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [REPO / "data/tiny/tiny_en.jsonl", REPO / "data/tiny/tiny_ja.jsonl"]
 OPTS = dict(valid_fraction=0.1, shard_bytes=8000, on_bad_line="skip", max_doc_tokens=300, too_long="split")
 
@@ -47,7 +48,10 @@ def test_killed_run_resumes_to_identical_output(tok: Tokenizer, inputs: list[Pat
     assert ref_summary.chunks >= 10 and ref_summary.rejected["bad_line"] == 1
 
     out = tmp_path / "out"
-    env = {**os.environ, KILL_ENV: "6"}  # the worker packing chunk 6 kills the whole process group mid-shard
+    env = {
+        **os.environ,
+        **fault_env(kill_in_pack=6),
+    }  # the worker packing chunk 6 kills the whole process group mid-shard
     killed = subprocess.run(cli(inputs, tok, out), env=env, start_new_session=True, capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert not (out / "meta.json").exists(), "a killed run must not look complete"

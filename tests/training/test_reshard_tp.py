@@ -29,8 +29,8 @@ from fm_pretrain.launch import launch_local
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, splits_from_info, unshard_tensor
 from fm_pretrain.training.reshard import merge_shards
-from tests.conftest import REPO
-from tests.train_runs import TINY_HYBRID
+from tests.helpers.paths import REPO
+from tests.helpers.train_runs import TINY_HYBRID
 
 STEPS = 6
 SMALL = [

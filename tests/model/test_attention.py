@@ -6,7 +6,7 @@ import torch
 from fm_pretrain.config import AttentionConfig
 from fm_pretrain.model.layers.attention import Attention, attention_reference
 from fm_pretrain.model.layers.rope import positions_from_doc_ids
-from tests.mixer_checks import check_cached_decoding, check_document_isolation, pack_doc_ids
+from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation, pack_doc_ids
 
 D_MODEL = 32
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fm_pretrain.eval.cli import load_checkpoint_model, main
-from tests.train_runs import TINY_HYBRID, data_overrides, run_training
+from tests.helpers.train_runs import TINY_HYBRID, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
 TASKS = "boolq,winogrande,lambada_openai,jcommonsenseqa,niilc,mgsm_ja"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fm_pretrain.launch import train_env
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 pytestmark = pytest.mark.slow
 

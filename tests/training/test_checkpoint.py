@@ -42,7 +42,7 @@ from fm_pretrain.training.data_identity import (
 from fm_pretrain.training.guards import guarded_loss
 from fm_pretrain.training.metrics_log import truncate_metrics
 from fm_pretrain.training.signals import StopRequest
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 
 def make_tags(ckpt, steps, meta=True):

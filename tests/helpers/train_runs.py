@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from fm_pretrain.launch import launch_local
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 CONFIG = REPO / "configs" / "demo_tiny.yaml"
 

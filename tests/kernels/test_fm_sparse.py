@@ -13,7 +13,7 @@ from fm_kernels.fm.sparse import dense_from_sparse, sparse_fm_reference, synthet
 from fm_kernels.fm.sparse_triton import sparse_fm_triton
 from fm_pretrain.config import FMConfig
 from fm_pretrain.model.layers.fm import FactorizationMemory, route
-from tests.test_gated import random_docs
+from tests.helpers.mixer_checks import random_docs
 
 # Kernel tests run on the GPU when there is one (compiled), else in the interpreter on CPU tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from fm_pretrain.training.guards import STEP_DELAY_ENV
-from tests.conftest import REPO
-from tests.train_runs import TINY_FM_ATTENTION
+from tests.helpers.paths import REPO
+from tests.helpers.train_runs import TINY_FM_ATTENTION
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "pretrain_1b.sh"

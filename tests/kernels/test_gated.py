@@ -4,15 +4,7 @@ import pytest
 import torch
 
 from fm_kernels.gated import chunk_gated_recurrence, gated_recurrence_step, naive_gated_recurrence
-
-
-def random_docs(B: int, T: int, n_bounds: int, gen: torch.Generator) -> torch.Tensor:
-    """Nondecreasing document ids with up to n_bounds random boundaries per row."""
-    starts = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
-        pos = torch.randperm(T - 1, generator=gen)[:n_bounds] + 1
-        starts[b, pos] = 1
-    return starts.cumsum(1)
+from tests.helpers.mixer_checks import random_docs
 
 
 def make_inputs(B, H, T, K, V, scalar, dtype, gen):

@@ -23,8 +23,8 @@ from fm_pretrain.data.pack import pack  # noqa: E402
 from fm_pretrain.data.readers import iter_documents  # noqa: E402
 from fm_pretrain.data.shards import REJECTS_FILE, read_meta  # noqa: E402
 from fm_pretrain.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tests.helpers.paths import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [REPO / "data/tiny/tiny_en.jsonl", REPO / "data/tiny/tiny_ja.jsonl"]
 
 

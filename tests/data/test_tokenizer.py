@@ -13,8 +13,8 @@ from data_prep import train_tokenizer as train_cli
 from fm_pretrain.data import DataError
 from fm_pretrain.data.jsonl import iter_jsonl
 from fm_pretrain.data.tokenizer import Tokenizer, iter_sentences, train_tokenizer
+from tests.helpers.paths import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [REPO / "data/tiny/tiny_en.jsonl", REPO / "data/tiny/tiny_ja.jsonl"]
 
 

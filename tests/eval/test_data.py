@@ -9,7 +9,7 @@ import pytest
 from fm_pretrain.eval import DEFAULT_DATA_DIR, GROUPS, TASKS, EvalDataError, load_task, resolve_tasks
 from fm_pretrain.eval.fixtures import make_fixtures
 from fm_pretrain.eval.readers import read_jsonl, read_niilc_xml, read_squad, read_tsv
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 SHARED_EVAL = SHARED_DATA / "eval"
 FIXTURE_ITEMS, FIXTURE_FEWSHOT = 30, 10

@@ -10,8 +10,7 @@ import pytest
 from fm_pretrain import tracking
 from fm_pretrain.config import TrackingConfig, from_dict, to_dict
 from fm_pretrain.tracking import Tracker, default_tracking_uri, ensure_store
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

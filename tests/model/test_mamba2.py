@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fm_kernels.ssd import ssd_chunked, ssd_naive, ssd_step
 from fm_pretrain.config import Mamba2Config
 from fm_pretrain.model.layers.mamba2 import Mamba2
-from tests.mixer_checks import check_cached_decoding, check_document_isolation, pack_doc_ids
+from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation, pack_doc_ids
 
 D_MODEL = 32
 

@@ -5,7 +5,7 @@ import torch
 
 from fm_kernels.fm import chunk_fm, fm_step, fm_step_sparse, naive_fm
 from fm_pretrain.model.layers.fm import route
-from tests.test_gated import random_docs
+from tests.helpers.mixer_checks import random_docs
 
 
 def fm_inputs(B, H, T, m, d_mem, top_k, dtype, gen):

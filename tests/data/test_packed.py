@@ -28,8 +28,8 @@ from fm_pretrain.data.packed import (  # noqa: E402
 )
 from fm_pretrain.data.readers import holdout_mask  # noqa: E402
 from fm_pretrain.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tests.helpers.paths import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [REPO / "data/tiny/tiny_en.jsonl", REPO / "data/tiny/tiny_ja.jsonl"]
 CORPUS = Path("/work/shared/data/corpus")
 SEED = 7

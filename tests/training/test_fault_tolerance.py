@@ -28,8 +28,8 @@ import torch
 from fm_pretrain.launch import train_command, train_env
 from fm_pretrain.training.checkpoint import CRASH_IN_SAVE_ENV, latest_tag
 from fm_pretrain.training.guards import NONFINITE_ENV, STEP_DELAY_ENV
-from tests.conftest import REPO
-from tests.train_runs import TINY_FM_ATTENTION
+from tests.helpers.paths import REPO
+from tests.helpers.train_runs import TINY_FM_ATTENTION
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "demo_tiny.yaml"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fm_pretrain.launch import launch_local
-from tests.train_runs import CONFIG, TINY_HYBRID, data_overrides, run_training
+from tests.helpers.train_runs import CONFIG, TINY_HYBRID, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
 SMALL = [

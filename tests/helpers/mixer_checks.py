@@ -40,3 +40,12 @@ def check_document_isolation(mixer: nn.Module, x: torch.Tensor, lengths: list[in
         alone = mixer(x[:, start : start + n])
         torch.testing.assert_close(y[:, start : start + n], alone, atol=atol, rtol=0)
         start += n
+
+
+def random_docs(B: int, T: int, n_bounds: int, gen: torch.Generator) -> torch.Tensor:
+    """Nondecreasing document ids with up to n_bounds random boundaries per row."""
+    starts = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        pos = torch.randperm(T - 1, generator=gen)[:n_bounds] + 1
+        starts[b, pos] = 1
+    return starts.cumsum(1)

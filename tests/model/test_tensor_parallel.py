@@ -1,6 +1,6 @@
 """Tensor parallelism (megatron-core) against the TP = 1 model, with real processes on gloo.
 
-- tests/tp_worker.py under torchrun at TP = 2 x DP = 1 (2 ranks) and TP = 2 x DP = 2 (4 ranks): initial weights,
+- tests/helpers/tp_worker.py under torchrun at TP = 2 x DP = 1 (2 ranks) and TP = 2 x DP = 2 (4 ranks): initial weights,
   loss and full gradients (gathered from the shards, averaged over DP by DeepSpeed) of a hybrid FM-dense +
   attention (GQA) + Mamba-2 (2 B/C groups) model with a padded vocabulary, and of a sparse FM model (balancing
   loss, output gate, tied embeddings), each with and without activation checkpointing, plus generation.
@@ -25,11 +25,11 @@ from fm_pretrain.config import ConfigError, ParallelConfig, from_dict
 from fm_pretrain.launch import train_env
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, unshard_tensor
-from tests.conftest import REPO
-from tests.tp_worker import CASES, SEED, dp_slice, make_batch, model_config
-from tests.train_runs import TINY_HYBRID, data_overrides, run_training
+from tests.helpers.paths import REPO
+from tests.helpers.tp_worker import CASES, SEED, dp_slice, make_batch, model_config
+from tests.helpers.train_runs import TINY_HYBRID, data_overrides, run_training
 
-WORKER = REPO / "tests" / "tp_worker.py"
+WORKER = REPO / "tests" / "helpers" / "tp_worker.py"
 LOSS_TOL = dict(rtol=1e-6, atol=2e-6)
 GRAD_REL = 2e-5  # of the largest |gradient| of each parameter
 
@@ -94,7 +94,7 @@ def test_config_rejects_tensor_parallel_below_one():
         from_dict({"parallel": {"tensor_parallel": 0}})
 
 
-# ---- real ranks: tests/tp_worker.py ------------------------------------------------------------------------
+# ---- real ranks: tests/helpers/tp_worker.py ------------------------------------------------------------------------
 
 
 def run_worker(nproc: int, out: Path) -> dict:

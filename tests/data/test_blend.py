@@ -15,8 +15,8 @@ from fm_pretrain.data.blend import BlendSampler, apportion, build_train_valid, l
 from fm_pretrain.data.pack import pack
 from fm_pretrain.data.packed import micro_batches
 from fm_pretrain.data.tokenizer import train_tokenizer
-from tests.conftest import TINY_DATA
-from tests.train_runs import CONFIG, run_training
+from tests.helpers.paths import TINY_DATA
+from tests.helpers.train_runs import CONFIG, run_training
 
 TINY = [TINY_DATA / "tiny_en.jsonl", TINY_DATA / "tiny_ja.jsonl"]
 

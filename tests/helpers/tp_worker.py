@@ -2,7 +2,7 @@
 TP over gloo, DeepSpeed over the data-parallel group) does one forward/backward per case; rank 0 saves the
 loss and the full gradients (gathered from the TP shards) for the test to compare with a TP = 1 model.
 
-    torchrun --nproc_per_node 4 tests/tp_worker.py --tp 2 --out DIR
+    torchrun --nproc_per_node 4 tests/helpers/tp_worker.py --tp 2 --out DIR
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Support for testing the stack from outside: fault injection (faults.py). Production code only calls hooks."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: paths, training launches, mixer checks, the tensor-parallel worker."""
