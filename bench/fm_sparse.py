@@ -1,7 +1,9 @@
-"""Sparse FM kernels on a GPU: training fwd+bwd (sparse vs dense) and decode tokens/s (FM sparse, FM dense, Mamba-2).
+"""Sparse FM kernels on a GPU: training fwd+bwd (sparse vs dense), decode tokens/s (FM sparse, FM dense, Mamba-2)
+and the per-row rates at the routed rows (gathered weight rows vs the full projection then a gather).
 
     python bench/fm_sparse.py train  [--dtype bf16] [--json out.json]
     python bench/fm_sparse.py decode [--json out.json]
+    python bench/fm_sparse.py rates  [--dtype bf16] [--json out.json]
 
 train: B*T = 32K tokens, 16 heads, d_mem = 128, T in {2K, 8K}, (m, k) in {(64, 16), (128, 32), (256, 64),
 (1024, 4), (1024, 32)}. The sparse op (`sparse_fm_triton`) gets rows/weights (B, H, T, k); the dense path gets
@@ -13,6 +15,11 @@ Roofline model of the sparse op (H100: ~800 TFLOP/s bf16, ~3 TB/s HBM), with N =
 FLOPs ~ 21 N d_mem (forward: update 4, read 2; backward: recompute 4, adjoint 4, dphi 2, dtheta 3, dxbar 2;
 the scan's log-depth overhead not counted); minimum bytes: each input read once and each output written
 once (xbar, r, dr, dxbar at B*H*T*d_mem; rows, theta_k, phi_k and their grads at N).
+
+rates: one rate projection of one layer (fm_1b sizes: d_model 2048, 16 heads) for 32K tokens, forward +
+backward, as the sparse layer computes it (`linear_at_rows`: k rows of W per head, token blocks of gathered
+weights) and as the dense formulation would (the (tokens, H m) projection, then a gather of the k rows); time
+and peak memory of each, at (m, k) in TRAIN_SHAPES. FLOPs favour the gather by m / k; bytes favour the GEMM.
 
 decode: one layer's step, batch 1 and 64: FM sparse (Triton step kernel, only k rows touched), FM dense
 (`fm_step`, all m rows) and Mamba-2 (`ssd_step`, fm_1b/mamba2_1b sizes: 16 heads, d_state 128, head dim 256).
@@ -57,13 +64,15 @@ def train_row(T: int, m: int, k: int, dtype: torch.dtype, dense_backend: str) ->
     dr = torch.randn(B, HEADS, T, D_MEM, device="cuda", dtype=dtype)
 
     def sparse():
-        r, _ = sparse_fm_triton(rows, *leaves, m, doc)
+        r, _ = sparse_fm_triton(
+            rows=rows, theta_k=leaves[0], phi_k=leaves[1], xbar=leaves[2], n_memories=m, doc_ids=doc
+        )
         r.backward(dr)
 
     def dense():
         theta = dense_from_sparse(rows, leaves[0], m)
         phi = dense_from_sparse(rows, leaves[1], m)
-        r, _ = fm_recurrence(theta, phi, leaves[2], doc, chunk_size=64, backend=dense_backend)
+        r, _ = fm_recurrence(theta=theta, phi=phi, xbar=leaves[2], doc_ids=doc, chunk_size=64, backend=dense_backend)
         r.backward(dr)
 
     out = {"T": T, "B": B, "m": m, "k": k, "dtype": str(dtype)}
@@ -79,6 +88,33 @@ def train_row(T: int, m: int, k: int, dtype: torch.dtype, dense_backend: str) ->
     except torch.cuda.OutOfMemoryError:
         out["dense_ms"] = "OOM"
     torch.cuda.empty_cache()
+    return out
+
+
+def rates_row(m: int, k: int, dtype: torch.dtype, d_model: int = 2048) -> dict:
+    from fm_kernels.fm.routing import linear_at_rows, linear_at_rows_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(m + k)
+    x = torch.randn(TOKENS, d_model, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+    weight = (torch.randn(HEADS * m, d_model, device="cuda", generator=gen) * 0.02).to(dtype).requires_grad_(True)
+    bias = torch.zeros(HEADS * m, device="cuda", dtype=dtype, requires_grad=True)
+    rows = torch.rand(TOKENS, HEADS, m, device="cuda", generator=gen).topk(k, dim=-1).indices
+    index = (rows + torch.arange(HEADS, device="cuda").view(1, HEADS, 1) * m).view(TOKENS, HEADS * k)
+    grad = torch.randn(TOKENS, HEADS * k, device="cuda", generator=gen).to(dtype)
+    out = {"tokens": TOKENS, "heads": HEADS, "d_model": d_model, "m": m, "k": k, "dtype": str(dtype)}
+    for name, fn in (("gather", linear_at_rows), ("dense_then_gather", linear_at_rows_reference)):
+
+        def step(fn=fn):
+            fn(x, weight, index, bias).backward(grad)
+            x.grad = weight.grad = bias.grad = None
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        out[f"{name}_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[f"{name}_ms"] = bench_ms(step)
+    out["gather_speedup"] = out["dense_then_gather_ms"] / out["gather_ms"]
     return out
 
 
@@ -98,9 +134,13 @@ def decode_rows(batch: int, m: int, k: int, with_mamba: bool) -> list[dict]:
     A = -torch.rand(h_ssm, device="cuda")
     Bm, Cm = torch.randn(2, batch, 1, n_state, device="cuda", dtype=torch.bfloat16)
     cases = {
-        f"FM sparse (m={m}, k={k}, Triton)": lambda: fm_step_sparse(state, rows, theta_k, phi_k, xbar, "triton"),
-        f"FM sparse (m={m}, k={k}, PyTorch)": lambda: fm_step_sparse(state, rows, theta_k, phi_k, xbar, "torch"),
-        f"FM dense (m={m}, PyTorch)": lambda: fm_step(state, theta, theta, xbar),
+        f"FM sparse (m={m}, k={k}, Triton)": lambda: fm_step_sparse(
+            state=state, rows=rows, theta_k=theta_k, phi_k=phi_k, xbar=xbar, backend="triton"
+        ),
+        f"FM sparse (m={m}, k={k}, PyTorch)": lambda: fm_step_sparse(
+            state=state, rows=rows, theta_k=theta_k, phi_k=phi_k, xbar=xbar, backend="torch"
+        ),
+        f"FM dense (m={m}, PyTorch)": lambda: fm_step(state=state, theta=theta, phi=theta, xbar=xbar),
     }
     if with_mamba:
         cases["Mamba-2 (PyTorch ssd_step)"] = lambda: ssd_step(s_ssm, x_ssm, dt, A, Bm, Cm)
@@ -113,7 +153,7 @@ def decode_rows(batch: int, m: int, k: int, with_mamba: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "decode"])
+    ap.add_argument("what", choices=["train", "decode", "rates"])
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--dense-backend", choices=["triton", "torch"], default="triton")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
@@ -130,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             for m, k in TRAIN_SHAPES:
                 results.append(train_row(T, m, k, dtype, args.dense_backend))
                 print(json.dumps(results[-1]), flush=True)
+    elif args.what == "rates":
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        for m, k in TRAIN_SHAPES:
+            results.append(rates_row(m, k, dtype))
+            print(json.dumps(results[-1]), flush=True)
     else:
         for batch in (1, 64):
             for m, k in ((128, 32), (1024, 4)):

@@ -9,14 +9,17 @@ minimum-byte counts and the fraction of the roofline (defaults: the H100 figures
     python bench/kernels.py --decay scalar --keys 128 --values 64   # Mamba-2-like scalar decay
     python bench/kernels.py --out bench_dense.jsonl                 # also one JSON record per line
 
-It refuses to run without CUDA: CPU timings (the interpreter) say nothing about the kernels.
+It refuses to run without CUDA: CPU timings (the interpreter) say nothing about the kernels. `--cpu-dry-run`
+runs one toy shape on CPU in Triton's interpreter instead, to check that the script runs (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -48,6 +51,10 @@ def min_bytes_fwd_bwd(T: int, K: int, V: int, elt: int, g_elt: int, scalar: bool
 
 
 def time_ms(fn: Callable[[], None], grads: list[torch.Tensor]) -> float | str:
+    if not torch.cuda.is_available():  # --cpu-dry-run: one call by the wall clock, a check that it runs
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
 
     try:
@@ -67,10 +74,11 @@ def fwd_bwd(fn: Callable, args: list[torch.Tensor], do: torch.Tensor) -> Callabl
 
 def bench_shape(T: int, K: int, V: int, heads: int, tokens: int, scalar: bool, roof: tuple[float, float]) -> dict:
     from fm_kernels.gated import chunk_gated_recurrence
-    from fm_kernels.gated.triton_chunk import triton_gated_recurrence
+    from fm_kernels.gated.chunk_triton import triton_gated_recurrence
 
     B = tokens // T
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter's bf16 arithmetic is wrong
     gen = torch.Generator(device=dev).manual_seed(0)
     q = (torch.randn(B, heads, T, K, device=dev, generator=gen) * K**-0.5).to(dt)
     k = (torch.randn(B, heads, T, K, device=dev, generator=gen) * K**-0.5).to(dt)
@@ -126,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 matmul peak (issue #4: H100 ~800)")
     p.add_argument("--peak-tbps", type=float, default=3.0, help="HBM bandwidth (issue #4: H100 ~3 TB/s)")
     p.add_argument("--out", help="append one JSON record per shape to this file")
+    p.add_argument("--cpu-dry-run", action="store_true", help="one tiny shape on CPU (Triton's interpreter): runs?")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.cpu_dry_run:  # scripts/gpu_check.sh --cpu-dry-run: every code path at toy sizes; times mean nothing
+        args.tokens, args.heads, args.seq_lens, args.keys, args.values = 32, 1, [32], [16], 16
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
         print("bench/kernels.py needs CUDA: no GPU is visible, and CPU (interpreter) timings are meaningless.")
         return 2
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
     import triton
 
     print(f"# {device}, torch {torch.__version__}, triton {triton.__version__}, decay {args.decay}")

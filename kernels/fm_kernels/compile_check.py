@@ -171,7 +171,7 @@ def _plain(v):
 
 def _gated_case(m: int, d_mem: int, dtype: torch.dtype, scalar: bool, chunk: int = 64) -> None:
     """Dense chunked recurrence, forward and backward, with documents, initial state and final-state gradient."""
-    from .gated.triton_chunk import triton_gated_recurrence
+    from .gated.chunk_triton import triton_gated_recurrence
 
     B, H, T = 1, 1, 2 * chunk + 5  # T is a runtime argument: two chunks and a ragged tail reach every branch
     q, k = (torch.zeros(B, H, T, m, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -179,9 +179,13 @@ def _gated_case(m: int, d_mem: int, dtype: torch.dtype, scalar: bool, chunk: int
     g = torch.zeros(*((B, H, T) if scalar else (B, H, T, m)), dtype=torch.float32, requires_grad=True)
     doc_ids = torch.zeros(B, T, dtype=torch.int64)
     for h0 in (None, torch.zeros(B, H, m, d_mem, requires_grad=True)):
-        o, ht = triton_gated_recurrence(q, k, v, g, doc_ids, h0, output_final_state=True, chunk_size=chunk)
+        o, ht = triton_gated_recurrence(
+            q=q, k=k, v=v, g=g, doc_ids=doc_ids, initial_state=h0, output_final_state=True, chunk_size=chunk
+        )
         (o.float().sum() + ht.sum()).backward()
-        o, _ = triton_gated_recurrence(q, k, v, g, None, h0, output_final_state=False, chunk_size=chunk)
+        o, _ = triton_gated_recurrence(
+            q=q, k=k, v=v, g=g, doc_ids=None, initial_state=h0, output_final_state=False, chunk_size=chunk
+        )
         o.float().sum().backward()
 
 
@@ -195,21 +199,23 @@ def _sparse_case(m: int, top_k: int, d_mem: int, dtype: torch.dtype) -> None:
     x = torch.zeros(B, H, T, d_mem, dtype=dtype, requires_grad=True)
     h0 = torch.zeros(B, H, m, d_mem, dtype=torch.float32, requires_grad=True)
     for init, final in ((None, False), (h0, True)):
-        r, ht = sparse_fm_triton(rows, theta, phi, x, m, None, init, output_final_state=final)
+        r, ht = sparse_fm_triton(
+            rows=rows, theta_k=theta, phi_k=phi, xbar=x, n_memories=m, initial_state=init, output_final_state=final
+        )
         loss = r.float().sum() + (ht.sum() if ht is not None else 0)
         loss.backward()
     with torch.no_grad():  # inference: no checkpoints stored
-        sparse_fm_triton(rows, theta, phi, x, m)
+        sparse_fm_triton(rows=rows, theta_k=theta, phi_k=phi, xbar=x, n_memories=m)
 
 
 def _decode_case(m: int, top_k: int, d_mem: int, dtype: torch.dtype) -> None:
-    from .fm.decode import fm_step_sparse_triton
+    from .fm.step_triton import fm_step_sparse_triton
 
     B, H = 2, 2
     rows = torch.stack([torch.randperm(m)[:top_k] for _ in range(B * H)]).view(B, H, top_k)
     state = torch.zeros(B, H, m, d_mem, dtype=dtype)
     th, ph = torch.zeros(B, H, top_k, dtype=dtype), torch.zeros(B, H, top_k, dtype=dtype)
-    fm_step_sparse_triton(state, rows, th, ph, torch.zeros(B, H, d_mem, dtype=dtype))
+    fm_step_sparse_triton(state=state, rows=rows, theta_k=th, phi_k=ph, xbar=torch.zeros(B, H, d_mem, dtype=dtype))
 
 
 def cases(quick: bool):

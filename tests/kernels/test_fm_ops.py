@@ -1,10 +1,10 @@
-"""FM ops: chunked dense/sparse paths and decode steps against the literal FM_SPEC reference."""
+"""FM ops: chunked dense/sparse paths and decode steps against the literal reference of docs/fm_spec.md."""
 
 import pytest
 import torch
 
 from fm_kernels.fm import chunk_fm, fm_step, fm_step_sparse, naive_fm
-from fm_pretrain.model.layers.fm import route
+from fm_kernels.fm.routing import route
 from tests.helpers.mixer_checks import random_docs
 
 

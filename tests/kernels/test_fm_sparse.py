@@ -4,15 +4,18 @@ CPU runs use the Triton interpreter (conftest sets TRITON_INTERPRET=1), where ev
 runs one after another: grids are kept to a few dozen programs.
 """
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fm_kernels.fm import chunk_fm, fm_recurrence_sparse, naive_fm
+from fm_kernels.fm.routing import route
 from fm_kernels.fm.sparse import dense_from_sparse, sparse_fm_reference, synthetic_routing
 from fm_kernels.fm.sparse_triton import sparse_fm_triton
 from fm_pretrain.config import FMConfig
-from fm_pretrain.model.layers.fm import FactorizationMemory, route
+from fm_pretrain.model.layers.fm import FactorizationMemory
 from tests.helpers.mixer_checks import random_docs
 
 # Kernel tests run on the GPU when there is one (compiled), else in the interpreter on CPU tensors.
@@ -180,6 +183,65 @@ def test_sparse_work_is_independent_of_m():
     legit = 4 * B * H * (T * k * d + m * d + T * d + T * k + m)
     assert largest[1] <= legit, f"{largest} exceeds the O(T k d + m d) bound ({legit} bytes)"
     assert 4 * B * H * T * m * d >= 18 * legit
+
+
+class TensorRecorder(TorchDispatchMode):
+    """Shape and storage address of every tensor an aten op returns (allocations and views alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.seen.append((str(func), tuple(o.shape), o.untyped_storage().data_ptr()))
+        return out
+
+
+def tokens_by_rows(recorder: TensorRecorder, T: int, m: int, exclude: set[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Non-empty tensors whose size is a multiple of T * m (T and m primes that divide no other size here),
+    except those in the storages `exclude`."""
+    sized = [(op, shape, ptr) for op, shape, ptr in recorder.seen if math.prod(shape) > 0]
+    return [(op, shape) for op, shape, ptr in sized if ptr not in exclude and math.prod(shape) % (T * m) == 0]
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(rate_per_row=False), dict(aux_loss_weight=0.1)])
+def test_layer_sparse_forward_forms_no_tokens_by_rows_tensor_but_the_logits(opts):
+    """The sparse layer on the Triton backend: in the forward, the router logits (B, T, H, m) are the only tensor
+    with a T x m extent (no zero-filled weights, no full softmax, no rate projection onto all m rows), unless the
+    balancing loss asks for the softmax; in the backward, only the logits' gradient has one. A control: the
+    PyTorch backend forms the zero-filled (B, H, T, m) weights, and the recorder sees them."""
+    B, T, m, k, H = 2, 37, 29, 3, 2  # sizes: T, m prime; k, H, d_mem, d_model, B * H * (m + 1), ... are not
+    x = torch.randn(B, T, 16, device=DEVICE)
+    doc = torch.tensor([[0] * 20 + [1] * 17, [0] * 37], device=DEVICE)
+    found = {}
+    for backend in ("triton", "torch"):
+        cfg = FMConfig(n_heads=H, n_memories=m, d_mem=4, top_k=k, chunk_size=8, backend=backend, **opts)
+        torch.manual_seed(0)
+        layer = FactorizationMemory(16, cfg).to(DEVICE)
+        logits: list[torch.Tensor] = []
+        layer.w_alpha.register_forward_hook(lambda mod, inp, out, seen=logits: seen.append(out))
+        xi = x.clone().requires_grad_(True)
+        with TensorRecorder() as fwd:
+            y = layer(xi, doc)
+            loss = y.square().sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
+        logit_storage = {logits[0].untyped_storage().data_ptr()}
+        assert logits[0].shape == (B, T, H * m) and any(ptr in logit_storage for _, _, ptr in fwd.seen)
+        with TensorRecorder() as bwd:
+            loss.backward()
+        assert xi.grad is not None and layer.w_alpha.weight.grad.abs().max() > 0
+        found[backend] = (tokens_by_rows(fwd, T, m, logit_storage), tokens_by_rows(bwd, T, m, set()))
+
+    fwd_extra, bwd_all = found["triton"]
+    if "aux_loss_weight" in opts:  # the full softmax alpha (and the loss's one-hot hits) exist only for the loss
+        assert fwd_extra and all(math.prod(shape) == B * T * H * m for _, shape in fwd_extra)
+    else:
+        assert fwd_extra == [], f"(T x m) tensors formed besides the router logits: {fwd_extra}"
+    assert bwd_all and all(math.prod(shape) == B * T * H * m for _, shape in bwd_all), bwd_all
+    control_fwd, _ = found["torch"]
+    assert any(shape == (B, H, T, m) for _, shape in control_fwd), "the recorder missed the zero-filled weights"
 
 
 def make_layer(backend: str, **opts) -> FactorizationMemory:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (CU
 
 
 def triton_fn():
-    from fm_kernels.gated.triton_chunk import triton_gated_recurrence  # late: triton.jit reads TRITON_INTERPRET
+    from fm_kernels.gated.chunk_triton import triton_gated_recurrence  # late: triton.jit reads TRITON_INTERPRET
 
     return triton_gated_recurrence
 

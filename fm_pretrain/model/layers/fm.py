@@ -1,8 +1,13 @@
-"""Factorization Memory token mixer (FM_SPEC.md, steps 1-8), on top of the `fm_kernels` entry point.
+"""Factorization Memory token mixer (docs/fm_spec.md, steps 1-8), on top of the `fm_kernels` entry points.
 
 Per head: a router picks rows of an (m x d_mem) memory with softmax affinities (top-k for the sparse
 variant); write weights theta = eta * a and read weights phi = mu * a drive the recurrence
 H_t[i] = (1 - theta_t[i]) H_{t-1}[i] + theta_t[i] xbar_t and the read r_t = H_t^T phi_t.
+
+The dense variant forms theta, phi over all m rows. The sparse variant (top_k < m) forms nothing of size
+T x m but the router logits: the top-k and their renormalised weights come from the logits directly
+(`topk_route`), and per-row rates are computed only at the routed rows (`linear_at_rows`, which gathers rows
+of W_eta and W_mu), giving theta, phi of shape (B, H, T, k) for the sparse kernels.
 
 Initialisation (the paper states none): every projection N(0, init_std) as set by the LM, the output
 projection scaled down with depth, and the rate biases b_eta = b_mu = rate_bias_init (sigma(0) = 0.5).
@@ -11,44 +16,64 @@ projection scaled down with depth, and the rate biases b_eta = b_mu = rate_bias_
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fm_kernels.fm import fm_recurrence, fm_recurrence_sparse, fm_step, fm_step_sparse, resolve_backend
+from fm_kernels.fm.routing import at_least_fp32, linear_at_rows, route, topk_route
+from fm_kernels.fm.sparse import dense_from_sparse
 from fm_pretrain.config import FMConfig
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param, tp_mean
 from fm_pretrain.parallel.sharding import local_size
 
 log = logging.getLogger(__name__)
 
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Router and rates run in fp32 (fp64 stays fp64, so references can be checked tightly)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+__all__ = ["FactorizationMemory", "Routing", "at_least_fp32", "load_balancing_loss", "route"]
 
 
-def route(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Softmax router in fp32 over the last dim; keeps the top-k and renormalises them to sum to 1.
+class Routing(NamedTuple):
+    """What the router and the input projections give the recurrence (spec steps 1-5), for this rank's H heads.
 
-    Returns (a, alpha, rows): a the routing weights (zeros outside the kept rows), alpha the full softmax
-    (for the balancing loss), rows the kept indices (None for the dense variant).
+    B batch, T tokens, H heads, m rows, k = top_k, d_mem row width. Kernel-side fields are head-major
+    (B, H, T, .), router-side fields token-major (B, T, H, .), as each is produced and consumed. The trailing
+    extent is m for the dense variant; for the sparse variant it is k (values at `rows`), or 1 for rates that
+    are one scalar per head (`rate_per_row: false`). Router-side tensors and theta, phi are fp32 (fp64 for an
+    fp64 model); xbar is in the model's dtype.
     """
-    alpha = torch.softmax(at_least_fp32(logits), dim=-1)
-    m = alpha.shape[-1]
-    if top_k is None or top_k >= m:
-        return alpha, alpha, None
-    vals, rows = alpha.topk(top_k, dim=-1)
-    vals = vals / vals.sum(dim=-1, keepdim=True)
-    a = torch.zeros_like(alpha).scatter(-1, rows, vals)
-    return a, alpha, rows
+
+    theta: torch.Tensor
+    """Write weights eta * a: dense (B, H, T, m); sparse (B, H, T, k), the weights at `rows`."""
+    phi: torch.Tensor
+    """Read weights mu * a: same shape as theta."""
+    xbar: torch.Tensor
+    """Values W_i x: (B, H, T, d_mem)."""
+    rows: torch.Tensor | None
+    """Sparse: the routed rows (B, H, T, k) int64, in descending order of router logit; dense: None."""
+    alpha: torch.Tensor | None
+    """The full router softmax (B, T, H, m), for the balancing loss: dense always (it is `a`); sparse only
+    when asked for (training with aux_loss_weight > 0), else None, so that it is not formed."""
+    a: torch.Tensor
+    """Routing weights: dense (B, T, H, m) (= alpha); sparse (B, T, H, k), the softmax of the kept logits."""
+    eta: torch.Tensor
+    """Write rates sigma(W_eta x + b_eta): (B, T, H, m) dense, (B, T, H, k) sparse, (B, T, H, 1) per head."""
+    mu: torch.Tensor
+    """Read rates sigma(W_mu x + b_mu): same shape as eta."""
+
+    def dense_weights(self, n_memories: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta, phi over all rows (B, H, T, m), zero outside `rows` (for references; sparse forms them here)."""
+        if self.rows is None:
+            return self.theta, self.phi
+        return dense_from_sparse(self.rows, self.theta, n_memories), dense_from_sparse(self.rows, self.phi, n_memories)
 
 
 def load_balancing_loss(alpha: torch.Tensor, rows: torch.Tensor | None, top_k: int) -> torch.Tensor:
     """Switch-style loss m * sum_i f_i P_i, averaged over heads: f_i share of routed slots, P_i mean prob.
 
-    alpha (..., H, m) with any leading token dims. Equals 1 at a perfectly balanced router.
+    alpha (..., H, m) with any leading token dims; rows (..., H, k) with the same leading dims, or None for
+    the dense variant. Equals 1 at a perfectly balanced router.
     """
     m = alpha.shape[-1]
     probs = alpha.reshape(-1, alpha.shape[-2], m)  # (N, H, m)
@@ -63,7 +88,8 @@ def load_balancing_loss(alpha: torch.Tensor, rows: torch.Tensor | None, top_k: i
 class FactorizationMemory(nn.Module):
     """Tensor parallel (tp > 1): each rank owns n_heads / tp whole heads (router, rates, memory state and
     read norm of a head never leave its rank); W_alpha, W_eta, W_mu, W_i, W_gate are split by head
-    (column), W_o by its input (row), so the only communication is W_o's all-reduce."""
+    (column), W_o by its input (row), so the only communication is W_o's all-reduce in the forward and the
+    all-reduce of x's gradient in the backward (megatron's column layers; `_tp_input` for the gathered rates)."""
 
     def __init__(self, d_model: int, cfg: FMConfig, layer_idx: int = 0, norm_eps: float = 1e-5, tp: int = 1):
         super().__init__()
@@ -89,18 +115,53 @@ class FactorizationMemory(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.backend: str | None = None
 
-    def _gates(self, x: torch.Tensor):
-        """theta, phi (B, H, T, m), xbar (B, H, T, d_mem), plus routing extras for the loss and decode."""
+    def _gates(self, x: torch.Tensor, with_alpha: bool = False) -> Routing:
+        """Router, rates and values for x (B, T, d_model) (spec steps 1-5); see `Routing` for every shape.
+
+        with_alpha: also return the full softmax alpha (the balancing loss needs it); the dense variant has
+        it anyway. The sparse variant's only (B, T, H, m) tensor is the router logits, otherwise.
+        """
         B, T, _ = x.shape
         H, m = self.n_heads, self.n_memories
-        logits = self.w_alpha(x).view(B, T, H, m) / self.cfg.tau
-        a, alpha, rows = route(logits, self.top_k)
-        eta = torch.sigmoid(at_least_fp32(self.w_eta(x) + self.b_eta)).view(B, T, H, -1)
-        mu = torch.sigmoid(at_least_fp32(self.w_mu(x) + self.b_mu)).view(B, T, H, -1)
-        theta = (eta * a).transpose(1, 2)
-        phi = (mu * a).transpose(1, 2)
+        logits = self.w_alpha(x).view(B, T, H, m)
         xbar = self.w_i(x).view(B, T, H, self.d_mem).transpose(1, 2)
-        return theta, phi, xbar, alpha, rows, eta, mu, a
+        if self.top_k is None:  # dense: weights over all m rows
+            a, alpha, _ = route(logits / self.cfg.tau, None)
+            eta = torch.sigmoid(at_least_fp32(self.w_eta(x) + self.b_eta)).view(B, T, H, -1)
+            mu = torch.sigmoid(at_least_fp32(self.w_mu(x) + self.b_mu)).view(B, T, H, -1)
+            theta, phi = (eta * a).transpose(1, 2), (mu * a).transpose(1, 2)
+            return Routing(theta=theta, phi=phi, xbar=xbar, rows=None, alpha=alpha, a=a, eta=eta, mu=mu)
+        rows, a = topk_route(logits, self.top_k, self.cfg.tau)  # (B, T, H, k) each
+        alpha = torch.softmax(at_least_fp32(logits / self.cfg.tau), dim=-1) if with_alpha else None
+        eta = self._rates_at_rows(x, self.w_eta, self.b_eta, rows)
+        mu = self._rates_at_rows(x, self.w_mu, self.b_mu, rows)
+        theta, phi = (eta * a).transpose(1, 2), (mu * a).transpose(1, 2)
+        return Routing(theta=theta, phi=phi, xbar=xbar, rows=rows.transpose(1, 2), alpha=alpha, a=a, eta=eta, mu=mu)
+
+    def _rates_at_rows(self, x: torch.Tensor, proj: nn.Module, bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """sigma(W x + b) at the routed rows: x (B, T, d_model), rows (B, T, H, k) -> (B, T, H, k), fp32.
+
+        Per-row rates gather the k rows of W (and b) per head instead of projecting onto all m (see
+        `fm_kernels.fm.routing` for the cost); one rate per head is a (B, T, H, 1) projection as in the dense
+        variant. Row i of head h is row h * m + i of this rank's W (its heads are whole, so local indices serve).
+        """
+        B, T, H, k = rows.shape
+        if not self.cfg.rate_per_row:
+            return torch.sigmoid(at_least_fp32(proj(x) + bias)).view(B, T, H, 1)
+        head_base = torch.arange(H, device=rows.device).view(1, 1, H, 1) * self.n_memories
+        index = (rows + head_base).view(B, T, H * k)
+        # At tp > 1 a column-parallel layer all-reduces its input's gradient over the TP group; reading the
+        # weight directly must do the same, or x's gradient would miss the other ranks' heads.
+        pre = linear_at_rows(x=self._tp_input(x), weight=proj.weight, index=index, bias=bias)
+        return torch.sigmoid(at_least_fp32(pre)).view(B, T, H, k)
+
+    def _tp_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a column-parallel layer sees it: identity forward; at tp > 1 the backward all-reduces over TP."""
+        if self.tp == 1:
+            return x
+        from fm_pretrain.parallel._megatron import tensor_parallel
+
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x)
 
     def _output(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """r (B, H, T, d_mem) -> y (B, T, d_model): per-head RMSNorm, optional SiLU gate, W_o."""
@@ -114,63 +175,50 @@ class FactorizationMemory(nn.Module):
         return self.w_o(y)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None):
+        """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model). With a cache dict: a prefill (T > 1, or no
+        state yet) stores the final state (B, H, m, d_mem) under "state"; a single token then decodes from it."""
         if self.backend is None:
             self.backend = resolve_backend(self.cfg.backend, x.device)
             if self.layer_idx == 0:
                 log.info("FM layers use the '%s' backend on %s", self.backend, x.device)
-        theta, phi, xbar, alpha, rows, eta, mu, a = self._gates(x)
+        with_loss = self.training and self.cfg.aux_loss_weight > 0
+        g = self._gates(x, with_alpha=with_loss)
         self.aux_loss = None
-        if self.training and self.cfg.aux_loss_weight > 0:
+        if with_loss:
             top_k = self.top_k or self.n_memories
+            rows = None if g.rows is None else g.rows.transpose(1, 2)  # (B, T, H, k), as alpha
             # The loss averages over heads: this rank's heads, then the mean over TP ranks.
-            self.aux_loss = self.cfg.aux_loss_weight * tp_mean(load_balancing_loss(alpha, rows, top_k), self.tp)
+            self.aux_loss = self.cfg.aux_loss_weight * tp_mean(load_balancing_loss(g.alpha, rows, top_k), self.tp)
 
         final = None
+        initial_state = None if cache is None else cache.get("state")
         if cache is not None and x.shape[1] == 1 and "state" in cache:
-            r = self._decode_step(cache, theta, phi, xbar, rows, eta, mu, a)
-        elif self.top_k is not None and self.backend == "triton":  # sparse kernels: O(k d_mem) per token
-            theta_k, phi_k = self._routed_weights(rows, eta, mu, a)
+            r = self._decode_step(cache, g)
+        elif g.rows is not None:  # sparse: only the routed rows (Triton: O(k d_mem) per token, whatever m)
             r, final = fm_recurrence_sparse(
-                rows.transpose(1, 2),
-                theta_k.transpose(1, 2),
-                phi_k.transpose(1, 2),
-                xbar,
-                self.n_memories,
-                doc_ids=doc_ids,
-                initial_state=None if cache is None else cache.get("state"),
-                output_final_state=cache is not None,
-                backend=self.backend,
-            )
+                rows=g.rows, theta_k=g.theta, phi_k=g.phi, xbar=g.xbar, n_memories=self.n_memories,
+                doc_ids=doc_ids, initial_state=initial_state, output_final_state=cache is not None,
+                chunk_size=self.cfg.chunk_size, backend=self.backend,
+            )  # fmt: skip
         else:
             r, final = fm_recurrence(
-                theta,
-                phi,
-                xbar,
-                doc_ids=doc_ids,
-                initial_state=None if cache is None else cache.get("state"),
-                output_final_state=cache is not None,
-                chunk_size=self.cfg.chunk_size,
-                backend=self.backend,
-            )
+                theta=g.theta, phi=g.phi, xbar=g.xbar, doc_ids=doc_ids, initial_state=initial_state,
+                output_final_state=cache is not None, chunk_size=self.cfg.chunk_size, backend=self.backend,
+            )  # fmt: skip
         if cache is not None and final is not None:  # prefill: the parallel path's final state seeds decoding
             cache["state"] = final
         return self._output(r, x)
 
-    def _decode_step(self, cache, theta, phi, xbar, rows, eta, mu, a) -> torch.Tensor:
-        """One token with the state in the cache; the sparse variant touches only its k rows."""
-        state = cache["state"]
-        if rows is None:
-            r, cache["state"] = fm_step(state, theta[:, :, 0], phi[:, :, 0], xbar[:, :, 0])
-        else:
-            rows_t = rows[:, 0]  # (B, H, k)
-            theta_k, phi_k = self._routed_weights(rows_t, eta[:, 0], mu[:, 0], a[:, 0])
-            r, cache["state"] = fm_step_sparse(state, rows_t, theta_k, phi_k, xbar[:, :, 0], backend=self.backend)
-        return r.unsqueeze(2)
+    def _decode_step(self, cache: dict, g: Routing) -> torch.Tensor:
+        """One token (T = 1) with the state (B, H, m, d_mem) in the cache, updated there; returns r (B, H, 1, d_mem).
 
-    @staticmethod
-    def _routed_weights(rows, eta, mu, a) -> tuple[torch.Tensor, torch.Tensor]:
-        """theta_k = eta_k a_k, phi_k = mu_k a_k (..., H, k) at the routed rows (rates broadcast if per head)."""
-        a_k = a.gather(-1, rows)
-        eta_k = eta if eta.shape[-1] == 1 else eta.gather(-1, rows)
-        mu_k = mu if mu.shape[-1] == 1 else mu.gather(-1, rows)
-        return eta_k * a_k, mu_k * a_k
+        The sparse variant touches only its k rows of the state (and of W_eta, W_mu)."""
+        state = cache["state"]
+        if g.rows is None:
+            r, cache["state"] = fm_step(state=state, theta=g.theta[:, :, 0], phi=g.phi[:, :, 0], xbar=g.xbar[:, :, 0])
+        else:
+            r, cache["state"] = fm_step_sparse(
+                state=state, rows=g.rows[:, :, 0], theta_k=g.theta[:, :, 0], phi_k=g.phi[:, :, 0],
+                xbar=g.xbar[:, :, 0], backend=self.backend,
+            )  # fmt: skip
+        return r.unsqueeze(2)

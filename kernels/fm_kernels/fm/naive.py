@@ -1,4 +1,4 @@
-"""Factorization Memory recurrence written exactly as FM_SPEC.md states it (the ground truth).
+"""Factorization Memory recurrence written exactly as docs/fm_spec.md states it (the ground truth).
 
 Per (batch, head): H_t[i] = (1 - theta_t[i]) H_{t-1}[i] + theta_t[i] xbar_t, r_t = sum_i phi_t[i] H_t[i].
 H_0 = 0 (or initial_state) and H is reset to 0 at the first token of every document.

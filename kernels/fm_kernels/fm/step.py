@@ -31,15 +31,15 @@ def fm_step_sparse(
     """Sparse step on k rows. rows (B, H, k) long; theta_k, phi_k (B, H, k); xbar (B, H, d).
 
     Updates `state` in place (only the k rows are written) and returns (r, state).
-    backend: `auto` runs the Triton step kernel (`decode.py`) on CUDA tensors and this gather/scatter
+    backend: `auto` runs the Triton step kernel (`step_triton.py`) on CUDA tensors and this gather/scatter
     elsewhere; `triton` forces the kernel (CPU tensors need TRITON_INTERPRET=1); `torch` forces this code.
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"fm_step_sparse: unknown backend '{backend}' (choose from auto, torch, triton)")
     if backend == "triton" or (backend == "auto" and state.is_cuda):
-        from .decode import fm_step_sparse_triton  # imports triton only when used
+        from .step_triton import fm_step_sparse_triton  # imports triton only when used
 
-        return fm_step_sparse_triton(state, rows, theta_k, phi_k, xbar)
+        return fm_step_sparse_triton(state=state, rows=rows, theta_k=theta_k, phi_k=phi_k, xbar=xbar)
     dt = state.dtype
     idx = rows.unsqueeze(-1).expand(*rows.shape, state.shape[-1])
     sel = state.gather(2, idx)  # (B, H, k, d)

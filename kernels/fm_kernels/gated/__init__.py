@@ -4,7 +4,7 @@ from .chunk import chunk_gated_recurrence
 from .dispatch import BACKENDS, gated_recurrence, resolve_backend, triton_available
 from .naive import gated_recurrence_step, naive_gated_recurrence, state_dtype
 
-# The Triton path (triton_chunk.triton_gated_recurrence) is imported on first use: triton.jit reads TRITON_INTERPRET.
+# The Triton path (chunk_triton.triton_gated_recurrence) is imported on first use: triton.jit reads TRITON_INTERPRET.
 __all__ = [
     "BACKENDS",
     "chunk_gated_recurrence",

@@ -77,11 +77,17 @@ def gated_recurrence(
     if backend == "auto":
         backend = resolve_backend(backend, q.device)
     if backend == "torch":
-        return chunk_gated_recurrence(q, k, v, g, doc_ids, initial_state, output_final_state, chunk_size)
+        return chunk_gated_recurrence(
+            q=q, k=k, v=v, g=g, doc_ids=doc_ids, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
     if backend != "triton":
         raise ValueError(f"unknown kernel backend '{backend}' (choose from {BACKENDS})")
     if not triton_runs_on(q.device):
         raise RuntimeError(f"kernel backend 'triton' cannot run on {q.device} (CUDA, or CPU with TRITON_INTERPRET=1)")
-    from .triton_chunk import triton_gated_recurrence  # imported late: triton.jit reads TRITON_INTERPRET
+    from .chunk_triton import triton_gated_recurrence  # imported late: triton.jit reads TRITON_INTERPRET
 
-    return triton_gated_recurrence(q, k, v, g, doc_ids, initial_state, output_final_state, chunk_size)
+    return triton_gated_recurrence(
+        q=q, k=k, v=v, g=g, doc_ids=doc_ids, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size,
+    )  # fmt: skip

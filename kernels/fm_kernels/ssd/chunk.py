@@ -48,8 +48,9 @@ def ssd_chunked(
     k = (dt[..., None] * expand_groups(B, H)).transpose(1, 2)
     g = (dt * A).transpose(1, 2)  # (b, H, T): A < 0 and dt > 0, so every log-decay is <= 0
     o, final = gated_recurrence(
-        q, k, x.transpose(1, 2), g, doc_ids, initial_state, output_final_state, chunk_size, backend
-    )
+        q=q, k=k, v=x.transpose(1, 2), g=g, doc_ids=doc_ids, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size, backend=backend,
+    )  # fmt: skip
     return _add_skip(o.transpose(1, 2), x, D), final
 
 
@@ -67,5 +68,5 @@ def ssd_step(
     H = x.shape[1]
     q = expand_groups(C[:, None], H)[:, 0]
     k = dt[..., None] * expand_groups(B[:, None], H)[:, 0]
-    o, state = gated_recurrence_step(state, q, k, x, dt * A)
+    o, state = gated_recurrence_step(state=state, q=q, k=k, v=x, g=dt * A)
     return _add_skip(o, x, D), state

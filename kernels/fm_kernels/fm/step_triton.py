@@ -1,4 +1,6 @@
-"""Triton decode step for sparse FM: per (batch, head), load, update and read only the k selected rows.
+"""Triton decode step for sparse FM (the kernel behind `step.fm_step_sparse`, whose PyTorch code is its reference).
+
+Per (batch, head), one program loads, updates and reads only the k selected rows.
 
 The state (B, H, m, d_mem) stays where it is (GPU memory during generation) and is updated in place; rows that
 were not selected are neither read nor written, so a step costs O(k d_mem) per head whatever m is. Arithmetic
