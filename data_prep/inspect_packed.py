@@ -1,19 +1,12 @@
 """Check what was packed: tokens per source, a document-length histogram (PNG), decoded random samples.
 
-    python data_prep/inspect.py out/packed [--tokenizer tok.model] [--plot lengths.png] [--samples 3]
+    python data_prep/inspect_packed.py out/packed [--tokenizer tok.model] [--plot lengths.png] [--samples 3]
 
 The logic lives in fm_pretrain.data.report.
 """
 
-import os
-import sys
-
-# Run as a script, Python puts data_prep/ itself first on sys.path, where data_prep/inspect.py would shadow
-# the standard library's `inspect` (imported by numpy, torch, dataclasses). Drop that entry first.
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import sys
 
 from fm_pretrain.data import DataError
 from fm_pretrain.data.report import inspect_packed

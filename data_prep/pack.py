@@ -10,15 +10,8 @@ reused and the result is identical to an uninterrupted run. The logic lives in f
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts data_prep/ itself first on sys.path, where data_prep/inspect.py would shadow
-# the standard library's `inspect` (imported by numpy, torch, dataclasses). Drop that entry first.
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import sys
 
 from fm_pretrain.data import DataError
 from fm_pretrain.data.pack import DEFAULT_SHARD_BYTES, pack

@@ -11,14 +11,6 @@ text). The logic lives in fm_pretrain.data.tokenizer.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts data_prep/ itself first on sys.path, where data_prep/inspect.py would shadow
-# the standard library's `inspect` (imported by numpy, torch, dataclasses). Drop that entry first.
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import sys

@@ -1,7 +1,12 @@
 """Typed experiment configuration: one YAML per experiment, validated on load, CLI overrides.
 
 Every section is a dataclass. Loading is strict: an unknown key, a wrong type or an out-of-range value
-raises ConfigError naming the dotted key (and the file) so typos never silently fall back to defaults.
+raises ConfigError naming the dotted key (and the file) so typos never silently fall back to defaults; a key
+that was renamed names its new name. What can be checked from the config alone is checked here; what needs
+the machine (world size, devices, files, the DeepSpeed config) is checked by `fm_pretrain.training.preflight`.
+
+This module imports nothing else of the project (tests/test_imports.py enforces it): every other module may
+import it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ MIXERS = ("fm", "attention", "mamba2")
 
 @dataclass
 class FMConfig:
-    """Factorization Memory mixer (FM_SPEC.md). Every OPEN point of the spec is an option here."""
+    """Factorization Memory mixer (docs/fm_spec.md). Every OPEN point of the spec is an option here."""
 
     n_heads: int = 4
     n_memories: int = 64  # m: memory rows per head
@@ -63,6 +68,12 @@ class Mamba2Config:
     dt_max: float = 0.1
 
 
+def swiglu_width(d_model: int, multiple_of: int = 64) -> int:
+    """LLaMA's SwiGLU width: 8/3 * d_model rounded up to a multiple of `multiple_of`."""
+    hidden = int(8 * d_model / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8000  # replaced at train time by the packed data's vocab size (meta.json)
@@ -78,6 +89,10 @@ class ModelConfig:
     fm: FMConfig = field(default_factory=FMConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or swiglu_width(self.d_model)
 
     def mixer_of_layer(self, i: int) -> str:
         return self.layer_pattern[i % len(self.layer_pattern)]
@@ -119,10 +134,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     ds_config: str = "ds_configs/zero1.json"  # ZeRO stage and engine options; batch/clip/precision filled in
     run_dir: str = "runs/default"
-    eval_every: int = 100
-    eval_batches: int = 8
+    val_every: int = 100  # validation loss every this many steps (and after the last)
+    val_batches: int = 8  # validation micro-batches per data-parallel rank
     log_every: int = 10
-    save_every: int = 500
+    save_every: int = 500  # also after the last step; 0: no checkpoints (except on a stop signal)
     keep_last: int = 3
     resume: bool = True  # resume from run_dir/checkpoints/latest when present
     resume_from: str | None = None  # a step_N dir (or checkpoints dir) to resume from; missing -> error
@@ -141,6 +156,8 @@ class TrackingConfig:
     experiment: str = "fm-pretrain"
     run_name: str | None = None
     size: str = ""  # free-text size tag, e.g. "125m", "1b"
+    system_metrics: bool = True  # MLflow's CPU/memory/disk/network (GPU with pynvml) sampler, `system/*` metrics
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass
@@ -152,8 +169,9 @@ class ParallelConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Downstream evaluation during training (docs/evaluation.md); `python -m fm_pretrain.eval` does it offline."""
+class DownstreamConfig:
+    """Downstream (English/Japanese task) evaluation during training (docs/evaluation.md); `python -m
+    fm_pretrain.eval` does it offline. Not to be confused with the validation loss (`train.val_every`)."""
 
     enabled: bool = False
     every: int = 0  # evaluate every this many steps; 0: only after the last step (always after the last step)
@@ -174,7 +192,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+
+# Keys that were renamed: the old name is refused with an error naming the new one.
+RENAMED_KEYS = {
+    "train.eval_every": "train.val_every",
+    "train.eval_batches": "train.val_batches",
+    "eval": "downstream",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,6 +270,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
+            if where in RENAMED_KEYS:
+                raise ConfigError(f"'{where}' was renamed to '{RENAMED_KEYS[where]}'")
             raise ConfigError(f"unknown key '{where}' (allowed in {prefix or 'top level'}: {sorted(names)})")
     kwargs = {}
     for k, v in data.items():
@@ -296,8 +324,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         "train.steps": cfg.train.steps,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum": cfg.train.grad_accum,
-        "train.eval_every": cfg.train.eval_every,
-        "train.save_every": cfg.train.save_every,
+        "train.val_every": cfg.train.val_every,
+        "train.val_batches": cfg.train.val_batches,
         "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last,
         "train.collective_timeout_s": cfg.train.collective_timeout_s,
@@ -305,6 +333,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key, val in positives.items():
         if val <= 0:
             raise ConfigError(f"{key}: must be > 0, got {val}")
+    if cfg.train.save_every < 0:
+        raise ConfigError(f"train.save_every: must be >= 0 (0: no checkpoints), got {cfg.train.save_every}")
     if cfg.train.max_consecutive_nonfinite < 0:
         raise ConfigError(f"train.max_consecutive_nonfinite: must be >= 0, got {cfg.train.max_consecutive_nonfinite}")
     fm = m.fm
@@ -334,31 +364,26 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
     if cfg.data.path and cfg.data.blend:
         raise ConfigError("data.blend: set data.path (one packed directory) or data.blend (a blend YAML), not both")
-    _validate_eval(cfg)
+    _validate_downstream(cfg)
     return cfg
 
 
-def _validate_eval(cfg: ExperimentConfig) -> None:
-    e = cfg.eval
+def _validate_downstream(cfg: ExperimentConfig) -> None:
+    """What the config alone decides; the task names and the ZeRO stage are checked by the preflight."""
+    e = cfg.downstream
     if e.every < 0 or e.num_fewshot < 0 or e.batch_size < 1 or (e.limit is not None and e.limit < 1):
         raise ConfigError(
-            f"eval: need every >= 0, num_fewshot >= 0, batch_size >= 1, limit >= 1 or null; got every={e.every}, "
-            f"num_fewshot={e.num_fewshot}, batch_size={e.batch_size}, limit={e.limit}"
+            f"downstream: need every >= 0, num_fewshot >= 0, batch_size >= 1, limit >= 1 or null; got "
+            f"every={e.every}, num_fewshot={e.num_fewshot}, batch_size={e.batch_size}, limit={e.limit}"
         )
     if not e.enabled:
         return
-    from fm_pretrain.eval.tasks import resolve_tasks  # lazy: the eval package imports this module
-
-    try:
-        resolve_tasks(e.tasks)
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"eval.tasks: {err}") from None
     if not cfg.data.tokenizer:
-        raise ConfigError("eval.enabled: downstream evaluation needs data.tokenizer (the sentencepiece model)")
+        raise ConfigError("downstream.enabled: downstream evaluation needs data.tokenizer (the sentencepiece model)")
     if cfg.parallel.tensor_parallel > 1:
         raise ConfigError(
-            "eval.enabled: evaluation during training needs parallel.tensor_parallel=1 (whole weights on rank 0); "
-            "evaluate the saved checkpoints with `python -m fm_pretrain.eval --checkpoint STEP_DIR` instead"
+            "downstream.enabled: evaluation during training needs parallel.tensor_parallel=1 (whole weights on "
+            "rank 0); evaluate the saved checkpoints with `python -m fm_pretrain.eval --checkpoint STEP_DIR` instead"
         )
 
 
@@ -370,9 +395,7 @@ def _validate_parallel(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {tp}")
     if tp == 1:
         return
-    from fm_pretrain.model.layers.mlp import swiglu_hidden  # lazy: the model package imports this module
-
-    hidden = m.mlp_hidden or swiglu_hidden(m.d_model)
+    hidden = m.mlp_width
     splits = {"model.mlp_hidden": (hidden, f"SwiGLU width {hidden}")}  # key -> (count to split, what it is)
     if "fm" in m.layer_pattern:
         splits["model.fm.n_heads"] = (m.fm.n_heads, f"{m.fm.n_heads} heads")

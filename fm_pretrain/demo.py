@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         f"data.tokenizer={tokenizer}",
         f"train.run_dir={run_dir}",
         f"train.steps={args.steps}",
-        f"train.eval_every={max(1, args.steps // 4)}",
+        f"train.val_every={max(1, args.steps // 4)}",
         f"train.save_every={args.steps}",
         "train.resume=false",
-        "eval.enabled=true",  # after the last step: the 17 English/Japanese tasks, 20 items each
-        "eval.limit=20",
+        "downstream.enabled=true",  # after the last step: the 17 English/Japanese tasks, 20 items each
+        "downstream.limit=20",
     ]
     if torch.cuda.is_available():
         overrides.append("train.precision=bf16")
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"         step {step:5d}   {loss:.4f}")
     fell = len(val) >= 2 and val[-1][1] < val[0][1]
     print(f"[demo] validation loss {'fell' if fell else 'did NOT fall'}: {val[0][1]:.4f} -> {val[-1][1]:.4f}")
-    if cfg.eval.enabled:
-        results = run_dir / "eval" / f"step_{args.steps}" / "eval_results.json"
+    if cfg.downstream.enabled:
+        results = run_dir / "downstream" / f"step_{args.steps}" / "eval_results.json"
         tasks = json.loads(results.read_text())["tasks"]
         print(f"[demo] downstream evaluation of {len(tasks)} EN/JA tasks (near chance at this size): {results}")
     print(f"[demo] done in {time.time() - t0:.0f} s. Open the MLflow UI on this run with:")

@@ -1,5 +1,6 @@
 """Config loading: strict validation naming the key, overrides, and every shipped experiment file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,15 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
             {"model": {"layer_pattern": ["attention"], "d_model": 100, "attention": {"n_heads": 3}}},
             "model.attention.n_heads",
         ),  # fmt: skip
-        ({"eval": {"every": -1}}, "eval"),
-        ({"eval": {"enabled": True, "tasks": "hellaswag,mmlu"}, "data": {"tokenizer": "t.model"}}, "eval.tasks"),
-        ({"eval": {"enabled": True}}, "eval.enabled"),  # no data.tokenizer
+        ({"downstream": {"every": -1}}, "downstream"),
+        ({"downstream": {"enabled": True}}, "downstream.enabled"),  # no data.tokenizer
         (
-            {"eval": {"enabled": True}, "data": {"tokenizer": "t.model"}, "parallel": {"tensor_parallel": 2}},
-            "eval.enabled",
+            {"downstream": {"enabled": True}, "data": {"tokenizer": "t.model"}, "parallel": {"tensor_parallel": 2}},
+            "downstream.enabled",
         ),  # fmt: skip
+        ({"train": {"eval_every": 10}}, "train.val_every"),  # renamed keys name their new name
+        ({"train": {"eval_batches": 2}}, "train.val_batches"),
+        ({"eval": {"enabled": True}}, "downstream"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):
@@ -71,6 +74,8 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
 EXPECTED_PARAMS = {  # (low, high) in millions, with a 32K vocabulary
     "demo_tiny.yaml": (0.1, 5),
     "fm_125m.yaml": (100, 150),
+    "transformer_125m.yaml": (100, 150),
+    "mamba2_125m.yaml": (100, 150),
     "fm_1b.yaml": (850, 1250),
     "transformer_1b.yaml": (850, 1250),
     "mamba2_1b.yaml": (850, 1250),
@@ -107,16 +112,60 @@ def test_ds_config_clash_is_an_error(tmp_path):
         build_ds_config(cfg, dp_size=1)
 
 
-def test_downstream_eval_schedule_and_zero3_refusal():
-    from fm_pretrain.eval.during_training import check_zero_stage, due
+def test_downstream_eval_schedule_and_zero3_refusal(tmp_path):
+    from fm_pretrain.training.components import DownstreamEval
+    from fm_pretrain.training.preflight import preflight
 
-    cfg = from_dict({"eval": {"enabled": True, "every": 3}, "data": {"tokenizer": "t.model"}}).eval
-    assert [s for s in range(1, 11) if due(cfg, s, last_step=10)] == [3, 6, 9, 10]
-    cfg.every = 0
-    assert [s for s in range(1, 11) if due(cfg, s, last_step=10)] == [10]
-    check_zero_stage(cfg, 2)
-    with pytest.raises(ConfigError, match="eval.enabled: .*ZeRO-3"):
-        check_zero_stage(cfg, 3)
-    cfg.enabled = False
-    assert not due(cfg, 10, last_step=10)
-    check_zero_stage(cfg, 3)
+    raw = {"downstream": {"enabled": True, "every": 3}, "data": {"tokenizer": "t.model", "path": str(tmp_path)}}
+    cfg = from_dict(raw)
+    sched = DownstreamEval(cfg.downstream, last_step=10, tokenizer=None, run_dir=tmp_path)
+    assert [s for s in range(1, 11) if sched.due(s)] == [3, 6, 9, 10]
+    cfg.downstream.every = 0
+    assert [s for s in range(1, 11) if sched.due(s)] == [10]
+    cpu = torch.device("cpu")
+    cfg.train.ds_config = "ds_configs/zero2.json"
+    preflight(cfg, 1, cpu)
+    cfg.train.ds_config = "ds_configs/zero3.json"
+    with pytest.raises(ConfigError, match="downstream.enabled: .*ZeRO-3"):
+        preflight(cfg, 1, cpu)
+    cfg.downstream.enabled = False
+    assert not sched.due(10)
+    preflight(cfg, 1, cpu)
+
+
+def test_preflight_checks_the_machine_naming_the_key(tmp_path, monkeypatch):
+    """What the config alone cannot decide fails before any process group exists, each error naming its key."""
+    from fm_pretrain.training.preflight import preflight
+
+    cpu = torch.device("cpu")
+    base = {"data": {"path": str(tmp_path), "tokenizer": "t.model"}}
+    cases = [
+        ({"parallel": {"tensor_parallel": 2}, "model": {"fm": {"n_heads": 2}}}, 3, "parallel.tensor_parallel"),
+        ({"downstream": {"enabled": True, "tasks": "hellaswag,mmlu"}}, 1, "downstream.tasks"),
+        ({"model": {"fm": {"backend": "triton"}}}, 1, "model.fm.backend"),
+        ({"train": {"ds_config": "ds_configs/zero9.json"}}, 1, "train.ds_config"),
+        ({"data": {"path": "", "tokenizer": ""}}, 1, "data.path"),
+    ]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else Triton runs on CPU tensors in its interpreter
+    monkeypatch.delenv("FM_PRETRAIN_KERNELS", raising=False)
+    for extra, world, key in cases:
+        raw = {**base, **extra}
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}"):
+            preflight(from_dict(raw), world, cpu)
+    plan = preflight(from_dict({**base, "train": {"micro_batch_size": 2, "grad_accum": 3}}), 4, cpu)
+    assert (plan.dp, plan.tp, plan.global_batch, plan.zero_stage) == (4, 1, 24, 1)
+
+
+def test_one_due_rule_for_every_periodic_action(tmp_path):
+    from fm_pretrain.checkpoint import CheckpointLayout
+    from fm_pretrain.training.components import Checkpointer, due
+
+    assert [s for s in range(1, 11) if due(s, 4, 10)] == [4, 8, 10]  # every 4th step and the last
+    assert [s for s in range(1, 11) if due(s, 0, 10)] == [10]
+    cfg = from_dict({"train": {"steps": 10, "save_every": 4, "run_dir": str(tmp_path)}})
+    ckpt = Checkpointer(cfg.train, CheckpointLayout(dp=1, zero_stage=1), {}, None)
+    assert [s for s in range(1, 11) if ckpt.due(s)] == [4, 8, 10]
+    cfg.train.save_every = 0  # no checkpoints at all (a stop signal still saves: the trainer's own check)
+    assert not any(ckpt.due(s) for s in range(1, 11))
+    with pytest.raises(ConfigError, match="train.save_every"):
+        from_dict({"train": {"save_every": -1}})

@@ -29,10 +29,10 @@ import torch
 import yaml
 
 from fm_pretrain.data import DataError
-from fm_pretrain.data.packed import GlobalSampler, PackedDataset, micro_batches
+from fm_pretrain.data.packed import GlobalSampler, PackedDataset
 
 if TYPE_CHECKING:
-    from fm_pretrain.config import DataConfig
+    pass
 
 
 @dataclass(frozen=True)
@@ -165,16 +165,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         return self.datasets[k][i - int(self.offsets[k])]
 
 
-@dataclass
-class TrainData:
-    train: torch.utils.data.Dataset
-    sampler: GlobalSampler | BlendSampler
-    valid_batches: list[dict[str, torch.Tensor]]
-    vocab_size: int
-    tokenizer_sha256: str
-
-
-def _open_split(spec: BlendSpec, split: str, seq_len: int, sha: str | None, seed: int, shuffle: bool) -> tuple:
+def open_split(spec: BlendSpec, split: str, seq_len: int, sha: str | None, seed: int, shuffle: bool) -> tuple:
     datasets, weights = [], []
     for i, e in enumerate(spec.splits[split]):
         try:
@@ -191,35 +182,3 @@ def _open_split(spec: BlendSpec, split: str, seq_len: int, sha: str | None, seed
         weights.append(e.weight)
     sampler = BlendSampler([len(d) for d in datasets], weights, seed, shuffle=shuffle)
     return BlendedDataset(datasets), sampler, sha
-
-
-def build_train_valid(
-    cfg: DataConfig, tokenizer_sha256: str | None, micro_batch_size: int, world: int, eval_batches: int, rank: int
-) -> TrainData:
-    """The training set and sampler, and this rank's validation micro-batches, from data.path or data.blend.
-
-    Packed data must match the configured tokenizer (when given) and, in a blend, each other.
-    Validation is the first `eval_batches` micro-batches per rank in a fixed order (fewer when small).
-    """
-    if cfg.blend:
-        spec = load_blend(cfg.blend)
-        seed = spec.seed if spec.seed is not None else cfg.seed
-        train, sampler, sha = _open_split(spec, "train", cfg.seq_len, tokenizer_sha256, seed, shuffle=True)
-        valid, valid_sampler, _ = _open_split(spec, "valid", cfg.seq_len, sha, seed, shuffle=False)
-        vocab = train.datasets[0].meta["vocab_size"]
-        where = cfg.blend
-    else:
-        train = PackedDataset(cfg.path, "train", cfg.seq_len, expect_tokenizer_sha256=tokenizer_sha256)
-        valid = PackedDataset(cfg.path, "valid", cfg.seq_len, expect_tokenizer_sha256=tokenizer_sha256)
-        sampler = GlobalSampler(len(train), seed=cfg.seed)
-        valid_sampler = GlobalSampler(max(len(valid), 1), seed=cfg.seed, shuffle=False)
-        vocab, sha, where = train.meta["vocab_size"], train.meta["tokenizer_sha256"], cfg.path
-    per_global_micro = micro_batch_size * world
-    n_valid = min(eval_batches, len(valid) // per_global_micro) * per_global_micro
-    if n_valid == 0:
-        raise DataError(
-            f"{where}: the valid split has {len(valid)} sequences of {cfg.seq_len} tokens, fewer "
-            f"than one micro-batch per rank ({per_global_micro} in all); pack more validation data"
-        )
-    valid_batches = micro_batches(valid, valid_sampler, 0, n_valid, micro_batch_size, rank, world)
-    return TrainData(train, sampler, valid_batches, int(vocab), sha)

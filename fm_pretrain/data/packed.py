@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm_pretrain.data import DataError
+from fm_pretrain.data import IGNORE_INDEX, DataError
 
 # Re-exported: older code imports the format helpers from here.
 from fm_pretrain.data.shards import (  # noqa: F401
@@ -23,8 +23,6 @@ from fm_pretrain.data.shards import (  # noqa: F401
     shard_name,
     token_dtype,
 )
-
-IGNORE_INDEX = -100  # label value the loss ignores (torch cross_entropy's default ignore_index)
 
 
 class PackedDataset(torch.utils.data.Dataset):

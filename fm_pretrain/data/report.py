@@ -1,4 +1,4 @@
-"""What a packed directory holds (the logic behind data_prep/inspect.py): counts, lengths, decoded samples."""
+"""What a packed directory holds (the logic behind data_prep/inspect_packed.py): counts, lengths, decoded samples."""
 
 from __future__ import annotations
 

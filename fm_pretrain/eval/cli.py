@@ -2,7 +2,7 @@
 
 Rebuilds the model from the checkpoint's saved config at tensor_parallel = 1, loads its full weights (the
 layout-free universal form, converted once when missing; a ZeRO-0 checkpoint's own module states), evaluates,
-prints a table, writes `eval_results.json` into the step directory and logs `eval/<task>/<metric>` at the
+prints a table, writes `eval_results.json` into the step directory and logs `downstream/<task>/<metric>` at the
 checkpoint's step to MLflow (docs/evaluation.md).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from fm_pretrain.config import ConfigError, ExperimentConfig, ParallelConfig, from_dict
+from fm_pretrain.checkpoint import load_model, resolve_step_dir
+from fm_pretrain.config import ConfigError, ExperimentConfig
 from fm_pretrain.data.tokenizer import Tokenizer
-from fm_pretrain.model import DecoderLM
 
 from .readers import EvalDataError
 from .report import RESULTS_FILE, format_table, log_to_mlflow, write_results
@@ -26,60 +26,6 @@ from .runner import evaluate_model
 from .tasks import DEFAULT_DATA_DIR, GROUPS, TASKS
 
 log = logging.getLogger("fm_pretrain.eval")
-
-
-def resolve_step_dir(path: Path) -> Path:
-    """A step_N directory as given, or the `latest` one of a checkpoints directory or of a run directory."""
-    from fm_pretrain.training.checkpoint import META_FILE, latest_tag
-
-    for base in (path, path / "checkpoints"):
-        if (base / "latest").is_file():
-            tag = latest_tag(base)
-            if tag is not None:
-                return base / tag
-    if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {META_FILE}) and no checkpoints/latest to follow")
-    return path
-
-
-def load_weights(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Full fp32 weights by parameter name, from the universal form (made once if missing) or, for a ZeRO-0
-    checkpoint (which the universal converter cannot read), its module states."""
-    from fm_pretrain.tools.convert_checkpoint import full_weights
-    from fm_pretrain.training.reshard import UNIVERSAL_DIR, to_universal
-
-    universal = step_dir / UNIVERSAL_DIR
-    if (universal / "zero").is_dir():
-        return full_weights(universal)
-    layout = meta.get("layout", {})
-    if int(layout.get("zero_stage", 1)) == 0:
-        if int(layout.get("tp", 1)) != 1:
-            raise ValueError(f"{step_dir}: a ZeRO-0 checkpoint at tensor_parallel > 1 has no full-weight form")
-        states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items() if torch.is_tensor(v)}
-    log.info("converting %s to its universal form (once)", step_dir)
-    return full_weights(to_universal(step_dir))
-
-
-def load_checkpoint_model(step_dir: Path, device: str = "cpu") -> tuple[DecoderLM, ExperimentConfig, dict[str, Any]]:
-    """(model in eval mode on `device`, the run's config, meta.json) of a checkpoint directory."""
-    from fm_pretrain.training.checkpoint import META_FILE, read_meta
-
-    meta = read_meta(step_dir)
-    if "config" not in meta:
-        raise ValueError(f"{step_dir / META_FILE}: no 'config' entry; cannot rebuild the model")
-    cfg = from_dict(meta["config"], f"{step_dir / META_FILE} (config)")
-    cfg.parallel = ParallelConfig()  # one process, full weights, no recomputation
-    model = DecoderLM(cfg.model, cfg.parallel)
-    weights = load_weights(step_dir, meta)
-    expected = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-    missing = sorted(k for k in model.state_dict() if k not in weights)
-    unexpected = sorted(k for k in weights if k not in expected)
-    if missing or unexpected:
-        raise KeyError(f"{step_dir}: weights do not match the config's model: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")  # fmt: skip
-    model.load_state_dict(weights, strict=True)
-    return model.to(device).eval(), cfg, meta
 
 
 def load_tokenizer(cfg: ExperimentConfig, meta: dict[str, Any], override: Path | None) -> Tokenizer:
@@ -122,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_checkpoint_model(step_dir, args.device)
+        model, cfg, meta = load_model(step_dir, args.device)
         if args.dtype == "bf16":
             model = model.to(torch.bfloat16)
         tok = load_tokenizer(cfg, meta, args.tokenizer)
@@ -146,5 +92,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tags = {"model_type": cfg.model.model_type, "size": cfg.tracking.size or "unknown", "run_dir": str(run_dir)}
     run_id = log_to_mlflow(results, run_dir, step, cfg.tracking, tags)
-    print(f"MLflow: eval/<task>/<metric> at step {step} in run {run_id}")
+    print(f"MLflow: downstream/<task>/<metric> at step {step} in run {run_id}")
     return 0

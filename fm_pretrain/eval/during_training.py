@@ -1,9 +1,9 @@
-"""Downstream evaluation inside a training run (config section `eval`), so eval curves sit beside the loss.
+"""Downstream evaluation inside a training run (config section `downstream`), so task curves sit beside the loss.
 
 Rank 0 scores the model it holds (`engine.module`, whole parameters: ZeRO 0-2 at tensor-parallel size 1; the
 config refuses the other layouts, where the CLI on a saved checkpoint is the way) while the other ranks wait
-at a barrier; the metrics go into the training run as `eval/<task>/<metric>` at the current step, with the
-results and the chart as artifacts under `eval/step_N/`, and `eval_results.json` into the run directory.
+at a barrier; the metrics go into the training run as `downstream/<task>/<metric>` at the current step, with the
+results and the chart as artifacts under `downstream/step_N/`, and `eval_results.json` into the run directory.
 """
 
 from __future__ import annotations
@@ -15,30 +15,16 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from fm_pretrain.config import ConfigError, EvalConfig
+from fm_pretrain.config import DownstreamConfig
 
-from .report import PLOT_FILE, RESULTS_FILE, flat_metrics, format_table, plot_accuracy, write_results
+from .report import METRIC_PREFIX, PLOT_FILE, RESULTS_FILE, flat_metrics, format_table, plot_accuracy, write_results
 from .runner import evaluate_model
 
 log = logging.getLogger(__name__)
 
 
-def check_zero_stage(cfg: EvalConfig, zero_stage: int) -> None:
-    """ZeRO-3 partitions the parameters across ranks, so no rank holds the whole model to score."""
-    if cfg.enabled and zero_stage >= 3:
-        raise ConfigError(
-            "eval.enabled: evaluation during training needs ZeRO 0-2 (ZeRO-3 partitions the weights); evaluate "
-            "the saved checkpoints with `python -m fm_pretrain.eval --checkpoint STEP_DIR` instead"
-        )
-
-
-def due(cfg: EvalConfig, step: int, last_step: int) -> bool:
-    """Whether to evaluate after `step`: every `cfg.every` steps (0: only at the end) and at the last step."""
-    return cfg.enabled and (step == last_step or (cfg.every > 0 and step % cfg.every == 0))
-
-
 def evaluate_in_training(
-    cfg: EvalConfig, model: nn.Module, tokenizer, step: int, rank: int, tracker, run_dir: Path
+    cfg: DownstreamConfig, model: nn.Module, tokenizer, step: int, rank: int, tracker, run_dir: Path
 ) -> dict[str, Any] | None:
     """Evaluate on rank 0 and log to the run; every rank returns after rank 0 is done (rank 0 gets the results)."""
     results = None
@@ -57,11 +43,11 @@ def evaluate_in_training(
         )
         results["step"] = step
         tracker.log_metrics(flat_metrics(results), step)
-        out_dir = run_dir / "eval" / f"step_{step}"
+        out_dir = run_dir / METRIC_PREFIX / f"step_{step}"
         out_dir.mkdir(parents=True, exist_ok=True)
         write_results(results, out_dir / RESULTS_FILE)
         plot_accuracy(results, out_dir / PLOT_FILE, f"{run_dir.resolve().name} step {step}")
-        tracker.log_artifact(out_dir, f"eval/step_{step}")
+        tracker.log_artifact(out_dir, f"{METRIC_PREFIX}/step_{step}")
         log.info("downstream evaluation at step %d:\n%s", step, format_table(results))
     if dist.is_initialized():
         dist.barrier()

@@ -1,7 +1,7 @@
 """Results out: the printed table, eval_results.json, the accuracy bar chart, MLflow metrics and artifacts.
 
-MLflow names: metric `eval/<task>/<metric>` (e.g. `eval/hellaswag/acc_norm`, `eval/jsquad/char_f1`,
-`eval/lambada_openai/perplexity`) at the checkpoint's step; artifacts under `eval/step_<N>/`
+MLflow names: metric `downstream/<task>/<metric>` (e.g. `downstream/hellaswag/acc_norm`, `downstream/jsquad/char_f1`,
+`downstream/lambada_openai/perplexity`) at the checkpoint's step; artifacts under `downstream/step_<N>/`
 (`eval_results.json`, `accuracy.png`). Written into the training run when `RUN_DIR/mlflow_run_id` exists,
 else into a new run named `eval-<run dir name>` of the same experiment.
 """
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "eval_results.json"
 PLOT_FILE = "accuracy.png"
-METRIC_PREFIX = "eval"
+METRIC_PREFIX = "downstream"  # metric keys downstream/<task>/<metric>, artifacts downstream/step_N
 
 
 def metric_key(task: str, metric: str) -> str:
@@ -30,7 +30,7 @@ def metric_key(task: str, metric: str) -> str:
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """{eval/<task>/<metric>: value} for every computed metric (stderrs included; metrics of tasks with no
+    """{downstream/<task>/<metric>: value} for every computed metric (stderrs included; metrics of tasks with no
     scored item are left out, their counts say why)."""
     out = {}
     for name, res in results["tasks"].items():

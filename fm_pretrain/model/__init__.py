@@ -1,5 +1,5 @@
 """Model library: token mixers (layers/), the decoder LM and its FLOP count."""
 
-from .lm import IGNORE_INDEX, DecoderLM, LMOutput
+from .lm import DecoderLM, LMOutput
 
-__all__ = ["IGNORE_INDEX", "DecoderLM", "LMOutput"]
+__all__ = ["DecoderLM", "LMOutput"]

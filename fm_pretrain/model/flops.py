@@ -5,6 +5,8 @@ Counted as 3x the forward (forward + backward), with 2 FLOPs per multiply-add:
 - attention: QK^T and AV over on average seq_len / 2 causal keys: 2 * 2 * d_head * n_heads * seq_len / 2;
 - FM: per head, write and read of the rows a token touches: 2 * 2 * rows * d_mem (rows = k sparse, m dense);
 - Mamba-2: per head, state update and read: 2 * 2 * d_state * head_dim.
+Sparse FM with per-row rates computes W_eta and W_mu only at the k routed rows of each head (layers/fm.py), so
+those two projections count k / m of their size.
 The chunked algorithms do more work than these algorithmic counts; MFU reports useful work only.
 """
 
@@ -52,8 +54,20 @@ def matmul_weight_numel(model: nn.Module) -> int:
     return total
 
 
+def unused_rate_weight_numel(model: nn.Module) -> int:
+    """Elements of W_eta and W_mu that sparse FM layers with per-row rates never multiply: only the k routed
+    rows of each head are computed, so (m - k) / m of both matrices does no work (full TP = 1 size)."""
+    cfg = model.cfg
+    f = cfg.fm
+    if f.top_k is None or f.top_k >= f.n_memories or not f.rate_per_row:
+        return 0
+    n_fm = sum(cfg.mixer_of_layer(i) == "fm" for i in range(cfg.n_layers))
+    return n_fm * 2 * cfg.d_model * f.n_heads * (f.n_memories - f.top_k)
+
+
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    return 3 * (2 * matmul_weight_numel(model) + recurrence_flops_forward(model, seq_len))
+    matmul = matmul_weight_numel(model) - unused_rate_weight_numel(model)
+    return 3 * (2 * matmul + recurrence_flops_forward(model, seq_len))
 
 
 def peak_flops_per_device(device_name: str, precision: str, override_tflops: float | None) -> float | None:

@@ -16,13 +16,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fm_pretrain.config import ModelConfig, ParallelConfig
+from fm_pretrain.data import IGNORE_INDEX
 from fm_pretrain.parallel.layers import padded_vocab, vocab_embedding, vocab_head
 from fm_pretrain.parallel.sharding import full_numel
 
-from .layers.mlp import SwiGLU, swiglu_hidden
+from .layers.mlp import SwiGLU
 from .layers.norm import RMSNorm
 
-IGNORE_INDEX = -100
 # Names of the projections that write into the residual stream; their init is scaled down with depth.
 RESIDUAL_OUT = ("w_o", "o_proj", "out_proj", "w_down")
 
@@ -50,7 +50,7 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(self.kind, cfg, layer_idx, tp)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden or swiglu_hidden(cfg.d_model), tp)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, tp)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), doc_ids=doc_ids, cache=cache)

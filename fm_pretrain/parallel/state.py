@@ -29,9 +29,7 @@ class ParallelLayout:
 def initialize_model_parallel(tp: int, timeout_s: float = 1800.0) -> ParallelLayout:
     """Create the TP and DP groups on the already initialised default process group; a collective on them
     that waits longer than `timeout_s` (a dead rank) raises instead of hanging."""
-    world = dist.get_world_size()
-    if tp < 1 or world % tp:
-        raise ValueError(f"parallel.tensor_parallel={tp} must divide the number of ranks ({world})")
+    # tp against the world size is the preflight's to check (training/preflight.py); megatron-core refuses too.
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() != tp:
             raise RuntimeError("megatron-core parallel_state is already initialised with another TP size")

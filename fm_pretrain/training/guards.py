@@ -1,25 +1,23 @@
 """Failure guards for the training loop: non-finite steps are skipped and counted; too many in a row stop the run.
 
-Skipping relies on DeepSpeed's overflow check (ZeRO 1-3 in fp32, bf16 with `check_grad_overflow`, on by
-default): when any rank's gradients hold inf/NaN, every rank drops the update (parameters, optimizer state and LR
-schedule untouched) and `engine.skipped_steps` grows. A non-finite loss is turned into NaN gradients on purpose
-(`poison`), so that a loss which overflowed without breaking the gradients is skipped too.
+Skipping relies on an overflow check before the update: DeepSpeed's own under ZeRO 1-3 (and bf16's
+`check_grad_overflow`), and `SkipNonFiniteAdamW` under ZeRO-0, where DeepSpeed calls the client optimizer
+directly and reads its `overflow` attribute. When any rank's gradients hold inf/NaN, every rank drops the update
+(parameters, optimizer state and LR schedule untouched) and `engine.skipped_steps` grows.
+
+A non-finite loss is turned into NaN gradients on purpose (`poison_nonfinite`), on the device and without a host
+sync, so that a loss which overflowed without breaking the gradients is skipped too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Test hooks: comma-separated global steps (1-based) whose rank-0 loss is multiplied by inf; seconds to sleep
-# after each step (so that a test can interrupt a tiny, fast run at a step of its choice).
-NONFINITE_ENV = "FM_PRETRAIN_TEST_NONFINITE_AT_STEPS"
-STEP_DELAY_ENV = "FM_PRETRAIN_TEST_STEP_DELAY_S"
 NONFINITE_EXIT_CODE = 3
 
 
@@ -27,24 +25,37 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps: the run cannot make progress."""
 
 
-def injected_nonfinite_steps() -> set[int]:
-    raw = os.environ.get(NONFINITE_ENV, "").strip()
-    return {int(s) for s in raw.split(",") if s.strip()} if raw else set()
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss to back-propagate: the same value and gradients when finite, else all-NaN gradients.
+
+    Decided on the device (a multiply by 1 or NaN), so the micro-step never waits for the host.
+    """
+    factor = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
+    return loss * factor
 
 
-def delay_step_for_tests() -> None:
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips its update when any gradient is non-finite on any rank, for ZeRO-0 (where DeepSpeed has
+    no overflow check of its own): it sets `overflow`, which DeepSpeed's engine reads to count the skipped step
+    and to leave the LR schedule where it is.
 
+    One all-reduce of a flag and one host sync per optimizer step (not per micro-step), like ZeRO 1-3's check.
+    """
 
-def guarded_loss(loss: torch.Tensor, step: int, rank: int, inject: set[int]) -> torch.Tensor:
-    """The loss to back-propagate: unchanged when finite, else one whose gradients are all NaN."""
-    if rank == 0 and step in inject:
-        loss = loss * float("inf")
-    if bool(torch.isfinite(loss.detach())):
-        return loss
-    return loss * float("nan")  # poison every gradient, so DeepSpeed's overflow check skips the step
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # TP shards and DP replicas decide together
+        self.overflow = bool(bad.item())  # host sync: once per optimizer step
+        if self.overflow:
+            return None
+        return super().step(closure)
 
 
 class NonFiniteGuard:
@@ -53,18 +64,16 @@ class NonFiniteGuard:
     `max_consecutive <= 0` disables the stop (the steps are still skipped and counted).
     """
 
-    def __init__(self, engine, max_consecutive: int, zero_stage: int) -> None:
-        if zero_stage == 0:
-            log.warning("ZeRO-0 does not check gradients for inf/NaN: a non-finite step cannot be skipped there")
+    def __init__(self, engine, max_consecutive: int) -> None:
         self.engine = engine
         self.max_consecutive = max_consecutive
         self.total = 0
         self.consecutive = 0
         self._seen = int(engine.skipped_steps)
 
-    def after_step(self, step: int, loss: float) -> bool:
+    def after_step(self, step: int) -> bool:
         """Call after the optimizer step; returns True if this step was skipped. Raises NonFiniteError."""
-        now = int(self.engine.skipped_steps)
+        now = int(self.engine.skipped_steps)  # a host-side counter: no device sync
         skipped = now > self._seen
         self._seen = now
         if not skipped:
@@ -73,9 +82,8 @@ class NonFiniteGuard:
         self.total += 1
         self.consecutive += 1
         log.warning(
-            "step %d: non-finite loss or gradient (loss %s), update skipped (%d in a row, %d in all)",
+            "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
             step,
-            loss,
             self.consecutive,
             self.total,
         )

@@ -11,10 +11,11 @@ import torch
 
 from fm_pretrain.config import ConfigError, load_config
 from fm_pretrain.data import DataError
-from fm_pretrain.data.blend import BlendSampler, apportion, build_train_valid, load_blend
+from fm_pretrain.data.blend import BlendSampler, apportion, load_blend
 from fm_pretrain.data.pack import pack
 from fm_pretrain.data.packed import micro_batches
 from fm_pretrain.data.tokenizer import train_tokenizer
+from fm_pretrain.data.training_data import build_train_valid
 from tests.helpers.paths import TINY_DATA
 from tests.helpers.train_runs import CONFIG, run_training
 
@@ -106,8 +107,8 @@ SMALL = [
     "model.fm.chunk_size=16",
     "train.micro_batch_size=2",
     "train.log_every=1",
-    "train.eval_batches=1",
-    "train.eval_every=2",
+    "train.val_batches=1",
+    "train.val_every=2",
     "train.steps=4",
     "train.save_every=2",
     "optim.warmup_steps=1",

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from fm_pretrain.eval.cli import load_checkpoint_model, main
+from fm_pretrain.checkpoint import load_model
+from fm_pretrain.eval.cli import main
 from tests.helpers.train_runs import TINY_HYBRID, data_overrides, run_training
 
 pytestmark = pytest.mark.slow
@@ -19,19 +20,20 @@ def trained(packed, tmp_path_factory):
     """A 2-step run of the tiny FM + attention + Mamba-2 hybrid, checkpointed at step 2 (ZeRO-1, 2 ranks), which
     also runs downstream evaluation itself after steps 1 and 2."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    opts = ["train.steps=2", "train.save_every=2", "train.eval_every=2", "train.ds_config=ds_configs/zero1.json"]
-    evals = ["eval.enabled=true", "eval.every=1", f"eval.tasks={IN_TRAINING_TASKS}", "eval.limit=2"]
+    opts = ["train.steps=2", "train.save_every=2", "train.val_every=2", "train.ds_config=ds_configs/zero1.json"]
+    evals = ["downstream.enabled=true", "downstream.every=1", f"downstream.tasks={IN_TRAINING_TASKS}"]
+    evals.append("downstream.limit=2")
     run_training(run_dir, [*data_overrides(packed), *TINY_HYBRID, *opts, *evals], nproc=2)
     return run_dir
 
 
 def test_training_evaluates_downstream_and_matches_the_offline_cli(trained):
-    """train.py's own evaluation (eval.enabled) logs eval/<task>/<metric> at steps 1 and 2 into its run, and its
-    step-2 results equal the CLI's on the step-2 checkpoint: the same weights, prompts and scoring."""
+    """train.py's own evaluation (downstream.enabled) logs downstream/<task>/<metric> at steps 1 and 2 into its
+    run, and its step-2 results equal the CLI's on the step-2 checkpoint: the same weights, prompts and scoring."""
     from mlflow import MlflowClient
 
-    in_training = json.loads((trained / "eval" / "step_2" / "eval_results.json").read_text())
-    assert (trained / "eval" / "step_1" / "accuracy.png").is_file()
+    in_training = json.loads((trained / "downstream" / "step_2" / "eval_results.json").read_text())
+    assert (trained / "downstream" / "step_1" / "accuracy.png").is_file()
     assert list(in_training["tasks"]) == IN_TRAINING_TASKS.split(",")
     argv = ["--checkpoint", str(trained / "checkpoints" / "step_2"), "--tasks", IN_TRAINING_TASKS]
     assert main([*argv, "--limit", "2", "--no-mlflow", "--no-progress"]) == 0
@@ -43,11 +45,11 @@ def test_training_evaluates_downstream_and_matches_the_offline_cli(trained):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{trained / 'mlflow.db'}")
     run_id = (trained / "mlflow_run_id").read_text().strip()
-    history = client.get_metric_history(run_id, "eval/arc_easy/acc_norm")
+    history = client.get_metric_history(run_id, "downstream/arc_easy/acc_norm")
     assert sorted(m.step for m in history) == [1, 2]
-    assert {a.path for a in client.list_artifacts(run_id, "eval/step_1")} == {
-        "eval/step_1/eval_results.json",
-        "eval/step_1/accuracy.png",
+    assert {a.path for a in client.list_artifacts(run_id, "downstream/step_1")} == {
+        "downstream/step_1/eval_results.json",
+        "downstream/step_1/accuracy.png",
     }
 
 
@@ -58,7 +60,7 @@ def test_cli_writes_results_and_logs_into_the_training_run(trained, capsys):
     argv = ["--checkpoint", str(trained), "--tasks", TASKS, "--limit", "3", "--num-fewshot", "1", "--no-progress"]
     assert main(argv) == 0  # a run directory resolves to its latest checkpoint
     out = capsys.readouterr().out
-    assert "jcommonsenseqa" in out and "eval/<task>/<metric> at step 2" in out
+    assert "jcommonsenseqa" in out and "downstream/<task>/<metric> at step 2" in out
 
     results = json.loads((step_dir / "eval_results.json").read_text())
     assert results["step"] == 2 and results["model_type"] == "hybrid-attention+fm+mamba2"
@@ -69,7 +71,7 @@ def test_cli_writes_results_and_logs_into_the_training_run(trained, capsys):
     assert results["tasks"]["jcommonsenseqa"]["fewshot_from"] == "ja/jcommonsenseqa/train.jsonl"
 
     # the weights evaluated are the trained ones: the universal form equals DeepSpeed's fp32 module states
-    model, cfg, meta = load_checkpoint_model(step_dir)
+    model, cfg, meta = load_model(step_dir)
     states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, states[name].float(), rtol=0, atol=0, msg=name)
@@ -81,10 +83,10 @@ def test_cli_writes_results_and_logs_into_the_training_run(trained, capsys):
     assert run.info.status == "FINISHED"  # the training run's status is left alone
     for name, res in results["tasks"].items():
         for metric, value in res["metrics"].items():
-            history = client.get_metric_history(run_id, f"eval/{name}/{metric}")
+            history = client.get_metric_history(run_id, f"downstream/{name}/{metric}")
             assert [(m.step, m.value) for m in history] == [(2, pytest.approx(value))], f"{name}/{metric}"
-    artifacts = {a.path for a in client.list_artifacts(run_id, "eval/step_2")}
-    assert artifacts == {"eval/step_2/eval_results.json", "eval/step_2/accuracy.png"}
+    artifacts = {a.path for a in client.list_artifacts(run_id, "downstream/step_2")}
+    assert artifacts == {"downstream/step_2/eval_results.json", "downstream/step_2/accuracy.png"}
 
 
 def test_cli_without_a_training_run_id_creates_an_eval_run(trained, tmp_path):
@@ -101,7 +103,7 @@ def test_cli_without_a_training_run_id_creates_an_eval_run(trained, tmp_path):
         [r.experiment_id for r in client.search_experiments()], "attributes.run_name = 'eval-run'"
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/piqa/acc_norm")] == [2]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "downstream/piqa/acc_norm")] == [2]
     assert runs[0].data.tags["model_type"] == "hybrid-attention+fm+mamba2"
 
 

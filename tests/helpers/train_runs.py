@@ -62,6 +62,6 @@ TINY_HYBRID = [
     "model.attention.n_kv_heads=2",
     "train.micro_batch_size=2",
     "train.log_every=1",
-    "train.eval_batches=2",
+    "train.val_batches=2",
     "optim.warmup_steps=2",
 ]

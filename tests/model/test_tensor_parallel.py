@@ -145,7 +145,7 @@ SMALL = [
     *TINY_HYBRID,
     "model.fm.aux_loss_weight=0.01",
     "train.steps=4",
-    "train.eval_every=4",
+    "train.val_every=4",
     "train.save_every=100",
     "optim.grad_clip=0.05",  # far below the gradient norm (~1.4): every step is clipped
     "tracking.enabled=false",
@@ -179,5 +179,5 @@ def test_zero_stages_at_tp2_follow_the_tp1_run(packed, tmp_path):
     for name, rows in runs.items():
         torch.testing.assert_close(series(rows, "train/loss"), want_loss, rtol=2e-6, atol=0, msg=f"{name}: loss")
         torch.testing.assert_close(series(rows, "train/grad_norm"), want_norm, rtol=1e-5, atol=0, msg=f"{name}: norm")
-        if "dp2" in name:  # the validation set is eval_batches micro-batches per DP rank: comparable at equal DP
+        if "dp2" in name:  # the validation set is val_batches micro-batches per DP rank: comparable at equal DP
             torch.testing.assert_close(series(rows, "val/loss"), series(ref, "val/loss"), rtol=2e-6, atol=0)

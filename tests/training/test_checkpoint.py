@@ -2,7 +2,7 @@
 from (and when that is an error), RNG states, the loss guard, the stop-signal flag, the data identity a checkpoint
 records (and what changes it) and the rewind of metrics.jsonl on resume.
 
-The multi-rank behaviour (kills, resharding, skipped steps) is in tests/test_fault_tolerance.py.
+The multi-rank behaviour (kills, resharding, skipped steps) is in tests/training/test_fault_tolerance.py.
 """
 
 import copy
@@ -17,30 +17,32 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fm_pretrain.config import ConfigError, load_config
-from fm_pretrain.data import DataError
-from fm_pretrain.data.blend import BlendedDataset, BlendSampler
-from fm_pretrain.data.packed import GlobalSampler, PackedDataset
-from fm_pretrain.training.checkpoint import (
+from fm_pretrain.checkpoint import (
     META_FILE,
-    Layout,
+    CheckpointLayout,
     find_resume,
     latest_tag,
     load_checkpoint,
     prune,
+    resolve_step_dir,
     rng_state,
     set_rng_state,
     write_latest,
 )
-from fm_pretrain.training.data_identity import (
+from fm_pretrain.config import ConfigError, load_config
+from fm_pretrain.data import DataError
+from fm_pretrain.data.blend import BlendedDataset, BlendSampler
+from fm_pretrain.data.identity import (
     DataChangedError,
     check_data_identity,
     data_identity,
     differences,
     packed_fingerprint,
 )
-from fm_pretrain.training.guards import guarded_loss
-from fm_pretrain.training.metrics_log import truncate_metrics
+from fm_pretrain.data.packed import GlobalSampler, PackedDataset
+from fm_pretrain.testing import faults
+from fm_pretrain.tracking.jsonl import truncate_metrics
+from fm_pretrain.training.guards import SkipNonFiniteAdamW, poison_nonfinite
 from fm_pretrain.training.signals import StopRequest
 from tests.helpers.paths import REPO
 
@@ -95,6 +97,18 @@ def test_find_resume(tmp_path):
         find_resume(ckpt, resume=True, resume_from=str(ckpt / "step_7"))
 
 
+def test_resolve_step_dir_follows_latest_of_a_checkpoints_or_run_directory(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    make_tags(ckpt, [3, 5])
+    write_latest(ckpt, "step_3")
+    assert resolve_step_dir(ckpt / "step_5") == ckpt / "step_5"  # a step directory as given
+    assert resolve_step_dir(ckpt) == ckpt / "step_3"
+    assert resolve_step_dir(tmp_path / "run") == ckpt / "step_3"
+    assert find_resume(ckpt, resume=False, resume_from=str(tmp_path / "run")) == ckpt / "step_3"
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        resolve_step_dir(tmp_path)
+
+
 def test_rng_states_round_trip():
     state = rng_state()
     first = (random.random(), np.random.rand(), torch.rand(3))
@@ -112,20 +126,55 @@ def test_fault_tolerance_options_are_validated():
         load_config(REPO / "configs" / "demo_tiny.yaml", ["train.collective_timeout_s=0"])
 
 
-def test_guarded_loss_passes_finite_losses_and_poisons_every_gradient_otherwise():
+def test_poisoned_loss_passes_finite_losses_and_poisons_every_gradient_otherwise(monkeypatch):
     lin = torch.nn.Linear(3, 2)
     x = torch.randn(4, 3)
+    lin(x).pow(2).mean().backward()
+    plain = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
     loss = lin(x).pow(2).mean()
-    assert guarded_loss(loss, step=1, rank=0, inject=set()) is loss
+    guarded = poison_nonfinite(loss)
+    guarded.backward()
+    assert torch.equal(guarded, loss)  # a finite loss: the same value and bit-identical gradients
+    assert all(torch.equal(p.grad, g) for p, g in zip(lin.parameters(), plain, strict=True))
+    lin.zero_grad()
     # An overflowed loss whose gradients would be finite (loss + inf): still every gradient becomes NaN,
-    # so DeepSpeed's overflow check drops the whole update.
-    guarded_loss(lin(x).pow(2).mean() + float("inf"), step=1, rank=0, inject=set()).backward()
+    # so the overflow check drops the whole update.
+    poison_nonfinite(lin(x).pow(2).mean() + float("inf")).backward()
     assert all(torch.isnan(p.grad).all() for p in lin.parameters())
     lin.zero_grad()
-    injected = guarded_loss(lin(x).pow(2).mean(), step=4, rank=0, inject={4})
-    injected.backward()
-    assert not torch.isfinite(injected) and all(torch.isnan(p.grad).all() for p in lin.parameters())
-    assert guarded_loss(loss, step=4, rank=1, inject={4}) is loss  # the hook fires on rank 0 only
+    monkeypatch.setenv(faults.ENV_VAR, faults.fault_env(nonfinite_loss=[4])[faults.ENV_VAR])
+    faults.active.cache_clear()  # the environment is read once per process: re-read it for this test
+    try:
+        injected = poison_nonfinite(faults.on_loss(lin(x).pow(2).mean(), step=4, rank=0))
+        injected.backward()
+        assert not torch.isfinite(injected) and all(torch.isnan(p.grad).all() for p in lin.parameters())
+        assert faults.on_loss(loss, step=4, rank=1) is loss  # the hook fires on rank 0 only
+        assert faults.on_loss(loss, step=3, rank=0) is loss
+    finally:
+        monkeypatch.delenv(faults.ENV_VAR)
+        faults.active.cache_clear()
+
+
+def test_zero0_optimizer_skips_a_non_finite_update_and_matches_adamw_otherwise():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+    opt_b = SkipNonFiniteAdamW(b.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        net(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not opt_b.overflow and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in opt_b.state.items()}
+    poison_nonfinite(b(x).pow(2).mean() + float("inf")).backward()
+    opt_b.step()
+    assert opt_b.overflow  # DeepSpeed's engine reads this: counts a skipped step and holds the LR schedule
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    assert all(torch.equal(t, state_before[k][n]) for k, v in opt_b.state.items() for n, t in v.items())
 
 
 def test_stop_request_sets_a_flag_and_ranks_agree():
@@ -209,7 +258,7 @@ def test_a_data_change_on_resume_is_an_error_unless_allowed(train_split, caplog)
     check_data_identity(meta, saved, allow_change=False, where="ck/meta.json")  # unchanged: nothing to say
     with pytest.raises(DataChangedError, match=r"ck/meta.json: .*seed: 42 -> 43\. Set train.allow_data_change=true"):
         check_data_identity(meta, now, allow_change=False, where="ck/meta.json")
-    with caplog.at_level(logging.WARNING, logger="fm_pretrain.training.data_identity"):
+    with caplog.at_level(logging.WARNING, logger="fm_pretrain.data.identity"):
         check_data_identity(meta, now, allow_change=True, where="ck/meta.json")
         check_data_identity({"step": 30}, now, allow_change=False, where="old/meta.json")  # written before the record
     assert "data changed (train.allow_data_change=true), continuing from sample 120" in caplog.text
@@ -226,4 +275,4 @@ def test_resuming_with_another_tokenizer_is_a_data_error_naming_the_file(tmp_pat
     tag_dir.mkdir()
     (tag_dir / META_FILE).write_text(json.dumps({"step": 5, "tokenizer_sha256": "a" * 64}))
     with pytest.raises(DataError, match=r"step_5/meta.json: tokenizer_sha256 aaaaaaaaaaaa\.\.\. differs"):
-        load_checkpoint(None, tag_dir, Layout(dp=1, zero_stage=1, tp=1), "b" * 64)
+        load_checkpoint(None, tag_dir, CheckpointLayout(dp=1, zero_stage=1, tp=1), "b" * 64)

@@ -5,7 +5,8 @@ One uninterrupted reference run (ZeRO-2, a checkpoint every step) is compared ag
   job must exit non-zero within train.collective_timeout_s), of the whole job, of the other rank (three kill points
   drawn with a seeded RNG), SIGUSR1 (checkpoint and exit 0), then a resume to the end: every logged loss is
   bit-identical (fp32) to the reference, and metrics.jsonl holds every step once (the replayed ones are rewound);
-- resumes of a reference checkpoint at DP=1 and under ZeRO-3 (the global batch kept by grad_accum);
+- resumes of a reference checkpoint at DP=1 and under ZeRO-3 (the global batch kept by grad_accum), and of a
+  ZeRO-3 run's checkpoint under ZeRO-1 (at DP=1) and ZeRO-2;
 - a resume with other data (a blend instead of the packed directory) stops with an error naming what changed;
 - a run with injected non-finite losses: skipped, counted, and N in a row stop the run.
 """
@@ -16,6 +17,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import time
@@ -25,9 +27,11 @@ import psutil
 import pytest
 import torch
 
+from fm_pretrain.checkpoint import latest_tag, read_meta
+from fm_pretrain.checkpoint.__main__ import main as convert
 from fm_pretrain.launch import train_command, train_env
-from fm_pretrain.training.checkpoint import CRASH_IN_SAVE_ENV, latest_tag
-from fm_pretrain.training.guards import NONFINITE_ENV, STEP_DELAY_ENV
+from fm_pretrain.testing import faults
+from fm_pretrain.testing.faults import fault_env
 from tests.helpers.paths import REPO
 from tests.helpers.train_runs import TINY_FM_ATTENTION
 
@@ -40,14 +44,15 @@ SMALL = [
     "train.micro_batch_size=2",
     "train.grad_accum=2",
     "train.log_every=1",
-    "train.eval_every=1000",
-    "train.eval_batches=2",
+    "train.val_every=1000",
+    "train.val_batches=2",
     "train.save_every=1",
     "train.keep_last=100",
     "optim.warmup_steps=2",
     "tracking.enabled=false",
     "train.ds_config=ds_configs/zero2.json",
 ]
+ZERO3 = "train.ds_config=ds_configs/zero3.json"
 
 
 def start(packed: Path, run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
@@ -113,26 +118,37 @@ def worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"no worker process with RANK={rank}")
 
 
+def uninterrupted(packed: Path, run_dir: Path, steps: int, *overrides: str) -> tuple[Path, dict[int, float]]:
+    """A run from scratch to `steps` (a checkpoint every step): its directory and {step: train/loss}."""
+    assert finish(start(packed, run_dir, f"train.steps={steps}", *overrides)) == 0, log_tail(run_dir)
+    losses = dict(rows(run_dir))
+    assert sorted(losses) == list(range(1, steps + 1))
+    return run_dir, losses
+
+
 @pytest.fixture(scope="module")
 def reference(packed, tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert finish(start(packed, run_dir, f"train.steps={STEPS}")) == 0, log_tail(run_dir)
-    losses = dict(rows(run_dir))
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return run_dir, losses
+    return uninterrupted(packed, tmp_path_factory.mktemp("reference") / "run", STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference_zero3(packed, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The reference's run under ZeRO-3 (DP 2), to step 7: the source of the ZeRO-3 -> ZeRO 1/2 reshards."""
+    return uninterrupted(packed, tmp_path_factory.mktemp("reference_zero3") / "run", 7, ZERO3)
 
 
 def test_interrupted_runs_resume_bit_identically(packed, tmp_path, reference):
     _, want = reference
     run_dir = tmp_path / "chain"
     opts = (f"train.steps={STEPS}", f"train.collective_timeout_s={TIMEOUT_S}")
-    slow = {STEP_DELAY_ENV: "0.3"}  # so that the test, polling, interrupts near the step it chose
+    slow = fault_env(step_delay_s=0.3)  # so that the test, polling, interrupts near the step it chose
     rng = random.Random(5)
     kills = [rng.choice([3, 4]), rng.choice([6, 7]), rng.choice([8, 9])]
 
     # 1. Rank 0 dies in the middle of saving step 2 (after DeepSpeed wrote the temporary tag directory).
-    rc = finish(start(packed, run_dir, *opts, env={CRASH_IN_SAVE_ENV: "2"}))
+    rc = finish(start(packed, run_dir, *opts, env=fault_env(crash_in_save=2)))
     assert rc != 0
+    assert re.search(rf"exitcode\s*:\s*{faults.CRASH_EXIT_CODE}\b", log_tail(run_dir)), "not the injected crash"
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_1", "the pointer moved before the save was complete"
     assert (ckpt / "step_2.tmp").is_dir() and not (ckpt / "step_2").exists()
@@ -180,8 +196,6 @@ def test_checkpoint_reshards_to_dp1_and_zero3(packed, tmp_path, reference):
     step_dir = ref_dir / "checkpoints" / f"step_{step}"
 
     # Offline: the layout-free form, and full fp32 weights equal to the ones DeepSpeed saved (ZeRO-2 saves them).
-    from fm_pretrain.tools.convert_checkpoint import main as convert
-
     assert convert(["universal", str(step_dir)]) == 0
     assert convert(["export", str(step_dir), "--output", str(tmp_path / "w.pt")]) == 0
     exported = torch.load(tmp_path / "w.pt")
@@ -193,7 +207,27 @@ def test_checkpoint_reshards_to_dp1_and_zero3(packed, tmp_path, reference):
         assert torch.equal(tensor, model_states["module"][name]), name
 
     # DP 2 -> 1 with grad_accum 2 -> 4 (same global batch); ZeRO-2 -> ZeRO-3 at DP 2.
-    layouts = {"dp1": (["train.grad_accum=4"], 1), "zero3": (["train.ds_config=ds_configs/zero3.json"], 2)}
+    layouts = {"dp1": (["train.grad_accum=4"], 1), "zero3": ([ZERO3], 2)}
+    resume_at_other_layouts(packed, tmp_path, step_dir, want, layouts)
+
+
+def test_zero3_checkpoint_reshards_to_zero1_and_zero2(packed, tmp_path, reference_zero3):
+    """DeepSpeed's universal form of a ZeRO-3 checkpoint lacks what ZeRO 1/2 load (shaped tensors, the Adam step
+    of each parameter, the model-states file name, ds_version); fm_pretrain.checkpoint.reshard fills it in."""
+    ref_dir, want = reference_zero3
+    step_dir = ref_dir / "checkpoints" / "step_5"
+    # ZeRO-3 -> ZeRO-1 at DP 1 (grad_accum 2 -> 4, same global batch); ZeRO-3 -> ZeRO-2 at DP 2.
+    layouts = {
+        "zero1_dp1": (["train.ds_config=ds_configs/zero1.json", "train.grad_accum=4"], 1),
+        "zero2": (["train.ds_config=ds_configs/zero2.json"], 2),
+    }
+    resume_at_other_layouts(packed, tmp_path, step_dir, want, layouts)
+
+
+def resume_at_other_layouts(packed: Path, tmp_path: Path, step_dir: Path, want: dict[int, float], layouts: dict):
+    """Resume `step_dir` (a checkpoint of the uninterrupted run whose losses are `want`) once per layout
+    {name: (overrides, nproc)}, for two steps, and compare the losses with the uninterrupted run's."""
+    step = int(read_meta(step_dir)["step"])
     for name, (extra, nproc) in layouts.items():
         run_dir = tmp_path / name
         proc = start(packed, run_dir, f"train.steps={step + 2}", f"train.resume_from={step_dir}", *extra, nproc=nproc)
@@ -223,10 +257,12 @@ def test_resuming_with_other_data_is_an_error_naming_the_change(packed, tmp_path
     assert not (run_dir / "checkpoints").exists()
 
 
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(packed, tmp_path):
+@pytest.mark.parametrize("zero", [2, 0])  # ZeRO 1-3: DeepSpeed's overflow check; ZeRO-0: SkipNonFiniteAdamW
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(packed, tmp_path, zero):
     run_dir = tmp_path / "nan"
-    env = {NONFINITE_ENV: "2,4,5,6"}
-    proc = start(packed, run_dir, "train.steps=10", "train.max_consecutive_nonfinite=3", env=env)
+    env = fault_env(nonfinite_loss=[2, 4, 5, 6])
+    opts = ("train.steps=10", "train.max_consecutive_nonfinite=3", f"train.ds_config=ds_configs/zero{zero}.json")
+    proc = start(packed, run_dir, *opts, env=env)
     rc = finish(proc)
     assert rc != 0, "three non-finite steps in a row did not stop the run"
     out = log_tail(run_dir)

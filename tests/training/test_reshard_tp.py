@@ -3,7 +3,8 @@
 Three runs of fm_pretrain/train.py (CPU, gloo) of a hybrid sparse-FM + attention (GQA) + Mamba-2 model (2 B/C
 groups, so its fused in_proj and conv are split block by block) with tied embeddings, global batch 8 throughout:
 1. reference: TP = 2 x DP = 1, ZeRO-2, grad_accum 4, to step 6, a checkpoint every step;
-2. its step 3 converted offline (convert_checkpoint universal), resumed at TP = 1 x DP = 2 (grad_accum 2);
+2. its step 3 converted offline (`python -m fm_pretrain.checkpoint universal`), resumed at TP = 1 x DP = 2
+   (grad_accum 2);
 3. run 2's step 4 (a TP = 1 checkpoint) resumed at TP = 2 x DP = 1 under ZeRO-3; its ZeRO-3 checkpoint converted
    offline again and compared with run 2's weights.
 
@@ -24,11 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fm_pretrain.checkpoint import merge_shards
+from fm_pretrain.checkpoint.__main__ import main as convert
 from fm_pretrain.config import from_dict
 from fm_pretrain.launch import launch_local
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.parallel.sharding import TPSplit, shard_tensor, splits_from_info, unshard_tensor
-from fm_pretrain.training.reshard import merge_shards
 from tests.helpers.paths import REPO
 from tests.helpers.train_runs import TINY_HYBRID
 
@@ -37,7 +39,7 @@ SMALL = [
     *TINY_HYBRID,
     "model.fm.aux_loss_weight=0.01",
     f"train.steps={STEPS}",
-    "train.eval_every=1000",
+    "train.val_every=1000",
     "train.save_every=1",
     "train.keep_last=100",
     "tracking.enabled=false",
@@ -68,8 +70,6 @@ def train(packed: Path, run_dir: Path, nproc: int, *overrides: str) -> dict[int,
 def check_offline_conversion(step_dir: Path, tmp_path: Path) -> None:
     """The TP = 2 checkpoint, converted by the tool, is a full TP = 1 state: it loads strictly into a TP = 1 model,
     and every weight is the merge of the two ranks' shards as DeepSpeed saved them."""
-    from fm_pretrain.tools.convert_checkpoint import main as convert
-
     assert convert(["universal", str(step_dir)]) == 0
     assert convert(["export", str(step_dir), "--output", str(tmp_path / "w.pt")]) == 0
     exported = torch.load(tmp_path / "w.pt")
@@ -116,8 +116,6 @@ def test_checkpoints_resume_at_another_tensor_parallel_size(packed, tmp_path):
     # A ZeRO-3 TP = 2 checkpoint (flat tensors in DeepSpeed's universal form) converts too: its weights after step 5
     # are the TP = 1 run's after step 5 up to the fp32 rounding of one update (measured 3e-8; weights are ~0.02-4,
     # a misplaced shard is off by O(0.01)).
-    from fm_pretrain.tools.convert_checkpoint import main as convert
-
     for run in ("back", "tp1"):
         step5 = tmp_path / run / "checkpoints" / "step_5"
         assert convert(["export", str(step5), "--output", str(tmp_path / f"{run}.pt")]) == 0

@@ -169,3 +169,53 @@ def test_cli_init(tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == f"sqlite:///{run_dir.resolve()}/mlflow.db"
     assert _client(run_dir).get_experiment_by_name("cli") is not None
+
+
+def test_one_call_reaches_every_backend_and_resume_trims_the_metrics_file(tmp_path, caplog):
+    """log_metrics writes MLflow, metrics.jsonl and the log line; a resumed start drops the replayed steps."""
+    import json
+    import logging
+
+    run_dir = tmp_path / "run"
+    tr = Tracker(
+        TrackingConfig(system_metrics=False), run_dir, rank=0, total_steps=4, metrics_file=True, log_lines=True
+    )
+    tr.start({"model": {"layer_pattern": ["fm"]}}, params={"n_params": 123})
+    with caplog.at_level(logging.INFO, logger="fm_pretrain.train"):
+        for step in range(1, 5):
+            tr.log_metrics({"train/loss": 5.0 - step, "perf/tokens_per_s": 100.0 * step}, step)
+    tr.finish()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]
+    assert "step 3/4  loss 2.0000  300 tok/s" in caplog.text
+    client = _client(run_dir)
+    assert [m.value for m in client.get_metric_history(tr.run_id, "train/loss")] == [4.0, 3.0, 2.0, 1.0]
+    run = client.get_run(tr.run_id)
+    assert run.data.params["n_params"] == "123" and run.data.tags["kind"] == "training"
+    # resumed from the checkpoint of step 2: steps 3 and 4 are about to be replayed, so they leave the file
+    tr2 = Tracker(TrackingConfig(system_metrics=False), run_dir, rank=0, metrics_file=True)
+    tr2.start({"model": {"layer_pattern": ["fm"]}}, resume_step=2)
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    tr2.finish()
+    # another rank: nothing at all
+    other = Tracker(TrackingConfig(), tmp_path / "r1", rank=1, metrics_file=True, log_lines=True)
+    other.start({})
+    other.log_metrics({"train/loss": 1.0}, 1)
+    assert not (tmp_path / "r1").exists()
+
+
+def test_system_metrics_are_logged(tmp_path):
+    """MLflow's own sampler (CPU, memory, disk, network) logs system/* metrics into the run while it is open."""
+    import time
+
+    run_dir = tmp_path / "run"
+    tr = Tracker(TrackingConfig(system_metrics_interval_s=0.2), run_dir, rank=0)
+    tr.start({})
+    client = _client(run_dir)
+    deadline = time.monotonic() + 60
+    keys: set[str] = set()
+    while time.monotonic() < deadline and "system/cpu_utilization_percentage" not in keys:
+        keys = set(client.get_run(tr.run_id).data.metrics)
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+    tr.finish()
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys

@@ -30,7 +30,7 @@ def series(rows: list[dict], key: str) -> dict[int, float]:
 def test_zero_stages_give_the_same_fp32_losses_and_bf16_is_close(packed, tmp_path):
     losses = {}
     for stage in (0, 1, 2, 3):
-        rows = train(packed, tmp_path / f"zero{stage}", "train.steps=4", "train.eval_every=4",
+        rows = train(packed, tmp_path / f"zero{stage}", "train.steps=4", "train.val_every=4",
                      f"train.ds_config=ds_configs/zero{stage}.json")  # fmt: skip
         losses[stage] = series(rows, "train/loss")
         assert sorted(losses[stage]) == [1, 2, 3, 4]
@@ -41,7 +41,7 @@ def test_zero_stages_give_the_same_fp32_losses_and_bf16_is_close(packed, tmp_pat
     assert ref[-1] < ref[0], "loss did not move down over 4 steps"
 
     # bf16 (DeepSpeed bf16 with ZeRO-1; the recurrent state stays fp32) tracks the fp32 run closely.
-    rows = train(packed, tmp_path / "bf16", "train.steps=4", "train.eval_every=4", "train.precision=bf16",
+    rows = train(packed, tmp_path / "bf16", "train.steps=4", "train.val_every=4", "train.precision=bf16",
                  "train.ds_config=ds_configs/zero1.json")  # fmt: skip
     bf16 = torch.tensor([series(rows, "train/loss")[s] for s in range(1, 5)], dtype=torch.float64)
     assert torch.isfinite(bf16).all()
@@ -53,7 +53,7 @@ def test_zero_stages_give_the_same_fp32_losses_and_bf16_is_close(packed, tmp_pat
 def resumed_run(packed, tmp_path_factory):
     """A 6-step run checkpointed at steps 3 and 6, then rewound to step 3 and resumed to the end."""
     run_dir = tmp_path_factory.mktemp("resume") / "run"
-    opts = ("train.steps=6", "train.save_every=3", "train.eval_every=3", "train.ds_config=ds_configs/zero2.json")
+    opts = ("train.steps=6", "train.save_every=3", "train.val_every=3", "train.ds_config=ds_configs/zero2.json")
     first = train(packed, run_dir, *opts)
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_6"

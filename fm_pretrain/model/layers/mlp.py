@@ -7,11 +7,6 @@ from torch import nn
 from fm_pretrain.parallel.layers import column_linear, row_linear
 
 
-def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
-    hidden = int(8 * d_model / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, tp: int = 1):
         super().__init__()

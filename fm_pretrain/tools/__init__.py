@@ -1,1 +1,0 @@
-"""Command-line tools that work on run directories (offline: no training ranks needed)."""
