@@ -8,6 +8,10 @@ if [ "${CI:-}" = "true" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
   echo "[test] installing slurm-wlm and munge for the Slurm tests"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
+if [ "${CI:-}" = "true" ]; then  # CI checks the GPU check's wheel set for real (tests/e2e/test_gpu_check.py)
+  echo "[test] downloading the GPU check's wheels (scripts/gpu_wheels.sh)"
+  bash scripts/gpu_wheels.sh
+fi
 echo "[test] ruff"
 ruff check .
 ruff format --check .
