@@ -158,6 +158,7 @@ class TrackingConfig:
     size: str = ""  # free-text size tag, e.g. "125m", "1b"
     system_metrics: bool = True  # MLflow's CPU/memory/disk/network (GPU with pynvml) sampler, `system/*` metrics
     system_metrics_interval_s: float = 10.0
+    router_stats: bool = True  # FM routing entropy, dead rows and load per layer (router/layer<i>/*), heatmaps
 
 
 @dataclass

@@ -34,8 +34,9 @@ from fm_pretrain.data import DataError
 from fm_pretrain.data.identity import data_identity
 from fm_pretrain.data.tokenizer import Tokenizer
 from fm_pretrain.data.training_data import build_train_valid
+from fm_pretrain.parallel.state import data_parallel_group
 from fm_pretrain.tracking import Tracker
-from fm_pretrain.training.components import Checkpointer, DownstreamEval, Throughput, Validator
+from fm_pretrain.training.components import Checkpointer, DownstreamEval, RouterMonitor, Throughput, Validator
 from fm_pretrain.training.guards import NONFINITE_EXIT_CODE, NonFiniteError
 from fm_pretrain.training.preflight import launch_environment, preflight
 from fm_pretrain.training.setup import build_engine, destroy, init_distributed, setup_logging
@@ -104,6 +105,7 @@ def run(argv: list[str] | None = None) -> None:
         checkpointer=checkpointer,
         downstream=DownstreamEval(cfg.downstream, cfg.train.steps, tokenizer, run_dir),
         throughput=Throughput(plan.global_batch * cfg.data.seq_len, info.flops_per_token, info.peak_flops, plan.world),
+        router=RouterMonitor(engine.module, cfg.tracking.router_stats, plan.device, data_parallel_group()),
         rank=layout.rank, dp_rank=layout.dp_rank, dp=plan.dp, global_batch=plan.global_batch, device=plan.device,
     )  # fmt: skip
     with tracker:  # ends the MLflow run as FAILED or KILLED if anything raises

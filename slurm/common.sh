@@ -173,3 +173,45 @@ fm_slurm_launch() {
     [[ $rc -eq 0 ]] || return "$rc"
     fm_requeue_if_stopped "$run_dir" "$steps"
 }
+
+# True if the arguments hold the option $1 (as "$1" or "$1=...").
+fm_has_option() {
+    local opt=$1 arg
+    shift
+    for arg in "$@"; do
+        [[ $arg == "$opt" || $arg == "$opt="* ]] && return 0
+    done
+    return 1
+}
+
+# Downstream evaluation of one checkpoint in this job (slurm/eval.sh): python -m fm_pretrain.eval, one process.
+# CHECKPOINT (a run dir, its checkpoints dir or a step_N dir; resolved when the job starts, so a job chained with
+# --dependency=afterok on the training job evaluates the checkpoint training ended with) unless --checkpoint is
+# given; --device cpu when the job has no GPU, else the CLI's default (cuda). Arguments go to the eval CLI.
+fm_slurm_eval() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || fm_die "run this through sbatch (or inside an salloc allocation)"
+    cd "$FM_PRETRAIN_ROOT" || exit 2
+    local python args=("$@")
+    python=$(fm_python)
+    if ! fm_has_option --checkpoint "$@"; then
+        [[ -n ${CHECKPOINT:-} ]] || fm_die "set CHECKPOINT to a run dir, checkpoints dir or step_N dir (or pass --checkpoint)"
+        args=(--checkpoint "$CHECKPOINT" "${args[@]}")
+    fi
+    if ! fm_has_option --device "$@" && [[ $(fm_gpus_on_node) -eq 0 ]]; then
+        args+=(--device cpu)
+    fi
+    export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+    echo "fm-pretrain: eval job $SLURM_JOB_ID on $(hostname -s), $(fm_gpus_on_node) GPU(s): $python -m fm_pretrain.eval ${args[*]}"
+    exec "$python" -m fm_pretrain.eval "${args[@]}"
+}
+
+# The comparison report in this job (slurm/compare.sh): python -m fm_pretrain.compare with the given arguments.
+fm_slurm_compare() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || fm_die "run this through sbatch (or inside an salloc allocation)"
+    cd "$FM_PRETRAIN_ROOT" || exit 2
+    local python
+    python=$(fm_python)
+    export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+    echo "fm-pretrain: compare job $SLURM_JOB_ID on $(hostname -s): $python -m fm_pretrain.compare --no-progress $*"
+    exec "$python" -m fm_pretrain.compare --no-progress "$@"
+}

@@ -73,12 +73,28 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
 
 EXPECTED_PARAMS = {  # (low, high) in millions, with a 32K vocabulary
     "demo_tiny.yaml": (0.1, 5),
+    "tiny_fm.yaml": (0.1, 5),  # the comparison study's e2e test (tests/e2e/test_study.py)
+    "tiny_attention.yaml": (0.1, 5),
+    "tiny_mamba2.yaml": (0.1, 5),
     "fm_125m.yaml": (100, 150),
     "transformer_125m.yaml": (100, 150),
     "mamba2_125m.yaml": (100, 150),
     "fm_1b.yaml": (850, 1250),
     "transformer_1b.yaml": (850, 1250),
     "mamba2_1b.yaml": (850, 1250),
+    # the memory family (docs/memory_family.md), matched to fm_125m / fm_1b
+    "gla_tiny.yaml": (0.1, 5),
+    "gdn_tiny.yaml": (0.1, 5),
+    "mom_tiny.yaml": (0.1, 5),
+    "fm_mc_tiny.yaml": (0.1, 5),
+    "gla_125m.yaml": (100, 150),
+    "gdn_125m.yaml": (100, 150),
+    "mom_125m.yaml": (100, 150),
+    "fm_mc_125m.yaml": (100, 150),
+    "gla_1b.yaml": (850, 1250),
+    "gdn_1b.yaml": (850, 1250),
+    "mom_1b.yaml": (850, 1250),
+    "fm_mc_1b.yaml": (850, 1250),
 }
 
 

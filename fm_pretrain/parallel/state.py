@@ -53,6 +53,11 @@ def current_layout() -> ParallelLayout:
     )
 
 
+def data_parallel_group():
+    """The process group of the ranks that hold the same TP shard (ZeRO, the sampler and metric sums use it)."""
+    return parallel_state.get_data_parallel_group()
+
+
 def destroy_model_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -4,13 +4,15 @@
 - `Validator`: the validation loss (`train.val_every`);
 - `Checkpointer`: resume and save (`train.save_every`), through `fm_pretrain.checkpoint`;
 - `DownstreamEval`: English/Japanese tasks during training (`downstream.every`);
-- `Throughput`: tokens/s and MFU between log lines, excluding time spent validating, evaluating or saving.
+- `Throughput`: tokens/s and MFU between log lines, excluding time spent validating, evaluating or saving;
+- `RouterMonitor`: router statistics of the FM layers, with the training metrics; a usage heatmap at validation.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +158,39 @@ class DownstreamEval:
         from fm_pretrain.eval.during_training import evaluate_in_training
 
         evaluate_in_training(self.cfg, model, self.tokenizer, step, rank, tracker, self.run_dir)
+
+
+class RouterMonitor:
+    """Router statistics of the FM layers (model/router_stats.py): every training forward adds its routing into
+    device-side sums; at each log line they are summed over the data-parallel group and logged as
+    `router/layer<i>/{entropy,dead_rows,max_load,mean_load}` (this TP rank's heads: TP rank 0's on the log), and
+    at each validation a usage heatmap (layer x row) goes to the run as `router/usage_step_<N>.png`."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool, device: torch.device, dp_group=None):
+        from fm_pretrain.model.router_stats import RouterStatsAccumulator
+
+        fm_layers = [(i, b.mixer) for i, b in enumerate(model.blocks) if b.kind == "fm"] if enabled else []
+        self.acc, self.group = None, dp_group
+        if fm_layers:
+            first = fm_layers[0][1]
+            self.acc = RouterStatsAccumulator([i for i, _ in fm_layers], first.n_heads, first.n_memories, device)
+            for _, mixer in fm_layers:
+                mixer.router_stats = self.acc
+        self._have_window = False
+
+    def metrics(self) -> dict[str, float]:
+        """The window's statistics (a collective over the data-parallel group: every rank calls it)."""
+        if self.acc is None:
+            return {}
+        self._have_window = True
+        return self.acc.compute(all_reduce=True, process_group=self.group)
+
+    def log_heatmap(self, tracker, step: int) -> None:
+        if self.acc is None or not self._have_window or tracker.run_id is None:
+            return
+        from fm_pretrain.model.router_stats import plot_usage_heatmap
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = plot_usage_heatmap(self.acc.usage(), f"{tmp}/usage_step_{step}.png", self.acc.layers,
+                                     title=f"router usage, step {step}")  # fmt: skip
+            tracker.log_artifact(out, "router")

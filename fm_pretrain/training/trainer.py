@@ -22,6 +22,7 @@ from fm_pretrain.training.components import (
     Checkpointer,
     DownstreamEval,
     LossWindow,
+    RouterMonitor,
     Throughput,
     TrainState,
     Validator,
@@ -44,6 +45,7 @@ class Trainer:
     checkpointer: Checkpointer
     downstream: DownstreamEval
     throughput: Throughput
+    router: RouterMonitor
     rank: int
     dp_rank: int
     dp: int
@@ -116,10 +118,12 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update(self.router.metrics())  # a collective over the data-parallel group; one host sync
         self.tracker.log_metrics(metrics, step)
         self.throughput.restart()
 
     def validate(self, step: int) -> None:
         val = self.validator.validation_loss(self.engine)
         self.tracker.log_metrics({"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}, step)
+        self.router.log_heatmap(self.tracker, step)  # rank 0, the last log window's row usage
         self.throughput.restart()

@@ -106,3 +106,26 @@ def test_missing_data_path_is_named(packed, tmp_path):
     assert result.returncode != 0
     out = log.read_text()
     assert f"error: packed data directory not found: {missing}" in out, out[-2000:]
+
+
+def test_the_run_logs_what_comparisons_filter_on_and_router_statistics(resumed_run):
+    """n_params / flops_per_token params, kind / layer_pattern tags, tokens seen, and the FM layer's router
+    statistics per log line with a usage heatmap at each validation (the hybrid's FM layer is layer 0, top-2 of 8)."""
+    import math
+
+    from mlflow import MlflowClient
+
+    run_dir, first, second = resumed_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert int(run.data.params["n_params"]) > 0 and float(run.data.params["flops_per_token"]) > 0
+    assert run.data.tags["kind"] == "training" and run.data.tags["layer_pattern"] == "fm,attention,mamba2"
+    for rows in (first, second):
+        for r in (r for r in rows if "train/loss" in r):
+            assert r["train/tokens"] == r["train/consumed_samples"] * 64
+            assert 0 <= r["router/layer0/entropy"] <= math.log(2) + 1e-6  # top-2: at most log(k)
+            assert 0 <= r["router/layer0/dead_rows"] <= 7
+            assert 1 / 8 - 1e-9 <= r["router/layer0/max_load"] <= 1
+    assert {"router/usage_step_3.png", "router/usage_step_6.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "router")
+    }

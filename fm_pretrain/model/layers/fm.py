@@ -114,6 +114,9 @@ class FactorizationMemory(nn.Module):
         self.w_o = row_linear(H_all * d_mem, d_model, tp)
         self.aux_loss: torch.Tensor | None = None
         self.backend: str | None = None
+        # Where to add this layer's routing while training (model/router_stats.RouterStatsAccumulator, attached
+        # by the trainer); None: no statistics.
+        self.router_stats = None
 
     def _gates(self, x: torch.Tensor, with_alpha: bool = False) -> Routing:
         """Router, rates and values for x (B, T, d_model) (spec steps 1-5); see `Routing` for every shape.
@@ -176,13 +179,17 @@ class FactorizationMemory(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None):
         """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model). With a cache dict: a prefill (T > 1, or no
-        state yet) stores the final state (B, H, m, d_mem) under "state"; a single token then decodes from it."""
+        state yet) stores the final state (B, H, m, d_mem) under "state"; a single token then decodes from it.
+        A prefill may come in several calls (chunked prefill), each continuing from the stored state; left-padding
+        positions recorded in the cache ("start", model/cache.py) are identity steps."""
         if self.backend is None:
             self.backend = resolve_backend(self.cfg.backend, x.device)
             if self.layer_idx == 0:
                 log.info("FM layers use the '%s' backend on %s", self.backend, x.device)
         with_loss = self.training and self.cfg.aux_loss_weight > 0
         g = self._gates(x, with_alpha=with_loss)
+        if self.router_stats is not None and self.training:  # sums on the device: no host sync
+            self.router_stats.update(self.layer_idx, g.a, None if g.rows is None else g.rows.transpose(1, 2))
         self.aux_loss = None
         if with_loss:
             top_k = self.top_k or self.n_memories
