@@ -4,6 +4,10 @@ Rebuilds the model from the checkpoint's saved config at tensor_parallel = 1, lo
 layout-free universal form, converted once when missing; a ZeRO-0 checkpoint's own module states), evaluates,
 prints a table, writes `eval_results.json` into the step directory and logs `downstream/<task>/<metric>` at the
 checkpoint's step to MLflow (docs/evaluation.md).
+
+Under `torchrun --nproc-per-node N -m fm_pretrain.eval ...` the N ranks split the items (each scores whole batches
+of the one-rank split, eval/dp.py; gloo on CPU, NCCL with one GPU per rank) and rank 0 prints, writes and logs:
+the scores are identical to a one-process run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fm_pretrain.checkpoint import load_model, resolve_step_dir
 from fm_pretrain.config import ConfigError, ExperimentConfig
 from fm_pretrain.data.tokenizer import Tokenizer
 
+from .dp import Shard, data_parallel_shard
 from .readers import EvalDataError
 from .report import RESULTS_FILE, format_table, log_to_mlflow, write_results
 from .runner import evaluate_model
@@ -60,26 +65,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=None, help="default: the run's data.tokenizer")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--per-item", action="store_true", help="also write each item's scores into eval_results.json")
     return p.parse_args(argv)
+
+
+def init_data_parallel(device: str) -> tuple[Shard, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo) and use this rank's GPU;
+    returns this rank's shard and device. One process: everything, on `device`."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return data_parallel_shard(), device
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shard, device = init_data_parallel(args.device)
+    try:
+        code = _evaluate(args, shard, device)
+    finally:
+        if shard.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return code
+
+
+def _evaluate(args: argparse.Namespace, shard: Shard, device: str) -> int:
     try:
         step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_model(step_dir, args.device)
+        model, cfg, meta = load_model(step_dir, device)
         if args.dtype == "bf16":
             model = model.to(torch.bfloat16)
         tok = load_tokenizer(cfg, meta, args.tokenizer)
         results = evaluate_model(
             model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, data_dir=args.data_dir,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, acc_norm_unit=args.acc_norm_unit,
-            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+            max_new_tokens=args.max_new_tokens, progress=not args.no_progress, shard=shard, per_item=args.per_item,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError, ConfigError, EvalDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if shard.rank != 0:
+        return 0
+    if shard.world > 1:
+        print(f"data parallel: {shard.world} ranks split the items")
     step = int(meta["step"])
     run_dir = step_dir.resolve().parent.parent  # RUN_DIR/checkpoints/step_N
     results = {"checkpoint": str(step_dir.resolve()), "step": step, "model_type": cfg.model.model_type,

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from .dp import Shard
 from .items import Item, Loaded, SkipItem, Task, load_task, with_fewshot
 from .metrics import NormUnit, char_f1, choice_scores, exact_match, first_line, numeric_match
 from .scoring import Encoded, TokenizerLike, encode_pair, encode_prompt, generate, loglikelihoods
@@ -83,11 +84,18 @@ def _encode_items(items: list[Item], tok: TokenizerLike, s: Settings, tally: Tal
 
 
 def _score_loglikelihood(
-    task: Task, items: list[Item], model: nn.Module, tok: TokenizerLike, s: Settings, tally: Tally, progress: bool
+    task: Task,
+    items: list[Item],
+    model: nn.Module,
+    tok: TokenizerLike,
+    s: Settings,
+    tally: Tally,
+    progress: bool,
+    shard: Shard,
 ) -> dict[str, list[float]]:
     kept = _encode_items(items, tok, s, tally)
     flat = [e for _, encs in kept for e in encs]
-    results = iter(loglikelihoods(model, flat, s.batch_size, tok.pad_id, task.name, progress))
+    results = iter(loglikelihoods(model, flat, s.batch_size, tok.pad_id, task.name, progress, shard))
     per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
     for item, encs in kept:
         scored = [next(results) for _ in encs]
@@ -104,7 +112,14 @@ def _score_loglikelihood(
 
 
 def _score_generation(
-    task: Task, items: list[Item], model: nn.Module, tok: TokenizerLike, s: Settings, tally: Tally, progress: bool
+    task: Task,
+    items: list[Item],
+    model: nn.Module,
+    tok: TokenizerLike,
+    s: Settings,
+    tally: Tally,
+    progress: bool,
+    shard: Shard,
 ) -> dict[str, list[float]]:
     max_new = s.max_new_tokens or task.max_new_tokens
     kept, prompts = [], []
@@ -116,7 +131,7 @@ def _score_generation(
             continue
         tally.note(prompts[-1:])
         kept.append(item)
-    outputs = generate(model, tok, prompts, max_new, s.batch_size, task.name, progress)
+    outputs = generate(model, tok, prompts, max_new, s.batch_size, task.name, progress, shard)
     per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
     for item, text in zip(kept, outputs, strict=True):
         answer = first_line(text)
@@ -130,15 +145,23 @@ def _score_generation(
 
 
 def evaluate_loaded(
-    loaded: Loaded, model: nn.Module, tok: TokenizerLike, s: Settings, progress: bool = True
+    loaded: Loaded,
+    model: nn.Module,
+    tok: TokenizerLike,
+    s: Settings,
+    progress: bool = True,
+    shard: Shard | None = None,
+    per_item: bool = False,
 ) -> dict[str, Any]:
-    """Metrics and the accounting of one loaded task."""
+    """Metrics and the accounting of one loaded task (split over the ranks of `shard`, see eval/dp.py; every
+    rank returns the same results). per_item: also each item's metric values, in item order (`per_item`)."""
+    shard = shard or Shard()
     task, start = loaded.task, time.perf_counter()
     items = loaded.items if s.limit is None else loaded.items[: s.limit]
     tally = Tally(rows=loaded.rows, limited_out=len(loaded.items) - len(items), skipped=Counter(loaded.skipped))
     items = [with_fewshot(loaded, item, s.num_fewshot, s.seed) for item in items]
     score = _score_generation if task.kind == "generate" else _score_loglikelihood
-    per_metric = score(task, items, model, tok, s, tally, progress)
+    per_metric = score(task, items, model, tok, s, tally, progress, shard)
     metrics: dict[str, float | None] = {}
     for name, values in per_metric.items():
         if not values:
@@ -157,6 +180,7 @@ def evaluate_loaded(
         "counts": tally.as_dict(),
         "fewshot_from": loaded.pool_from if s.num_fewshot else None,
         "seconds": round(time.perf_counter() - start, 3),
+        **({"per_item": per_metric} if per_item else {}),
     }
 
 
@@ -174,10 +198,17 @@ def evaluate_model(
     acc_norm_unit: NormUnit = "chars",
     max_new_tokens: int | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` (a DecoderLM at tensor_parallel = 1, on any device) on `tasks` (names or the groups
     en/ja/all); returns {"settings": ..., "tasks": {name: {metrics, chance, counts, ...}}}. The model is put in
-    eval mode for the duration and handed back in the mode it came in."""
+    eval mode for the duration and handed back in the mode it came in.
+
+    shard: split the items over data-parallel ranks (`eval.dp.data_parallel_shard()`; every rank of the group must
+    call this with the same arguments and an identical model); each rank scores whole batches of the one-rank
+    split, so per-item scores equal a one-rank run's, and every rank returns the full results. per_item: each
+    task's results also hold `per_item` {metric: [value of each scored item]}."""
     if num_fewshot < 0 or (limit is not None and limit < 0) or batch_size < 1:
         raise ValueError(
             f"need num_fewshot >= 0, limit >= 0, batch_size >= 1; got {num_fewshot}, {limit}, {batch_size}"
@@ -198,9 +229,11 @@ def evaluate_model(
     model.eval()
     try:
         results = {}
+        shard = shard or Shard()
+        progress = progress and shard.rank == 0
         for task in tqdm(selected, desc="tasks", disable=not progress):
             loaded = load_task(task, Path(settings.data_dir))
-            results[task.name] = evaluate_loaded(loaded, model, tokenizer, settings, progress)
+            results[task.name] = evaluate_loaded(loaded, model, tokenizer, settings, progress, shard, per_item)
     finally:
         model.train(was_training)
     return {"settings": asdict(settings), "tasks": results}

@@ -7,8 +7,9 @@ separately encoded context ends; trailing whitespace of the context is moved to 
 " yes" stays one "▁yes" token. When a merge straddles the boundary (the joint encoding does not start with
 the context's tokens), the split falls at their longest common prefix and the pair is counted as `merged`.
 
-Padding. Every mixer (FM, Mamba-2, attention) is causal and left-to-right, so sequences are padded on the
-right: the logits of real positions never see the padding. A continuation of n tokens ending at position L is
+Padding. Every mixer (FM, Mamba-2, attention) is causal and left-to-right, so log-likelihood sequences are padded on
+the right: the logits of real positions never see the padding. Generation pads on the left, with the pad positions
+recorded in the caches (fm_pretrain.inference). A continuation of n tokens ending at position L is
 scored from the logits at positions L-n-1 ... L-2, i.e. starting at the context's last position.
 """
 
@@ -16,26 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fm_pretrain.inference.text import TokenizerLike, generate_text
+
+from .dp import Shard
 from .items import SkipItem
-
-
-class TokenizerLike(Protocol):
-    """What evaluation needs of a tokenizer (fm_pretrain.data.tokenizer.Tokenizer has it)."""
-
-    @property
-    def bos_id(self) -> int: ...
-    @property
-    def eos_id(self) -> int: ...
-    @property
-    def pad_id(self) -> int: ...
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -99,15 +89,19 @@ def loglikelihoods(
     pad_id: int,
     desc: str = "loglikelihood",
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of the continuation's token log-probabilities, whether every continuation token is the argmax),
-    per sequence. Longest first, so each batch pads little; results come back in input order."""
+    per sequence. Longest first, so each batch pads little; results come back in input order. With a `shard`
+    (eval/dp.py) this rank scores its batches only and every rank gets all results."""
     _check_model(model)
     device = model_device(model)
+    shard = shard or Shard()
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    out: dict[int, tuple[float, bool]] = {}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    mine = [b for j, b in enumerate(batches) if shard.owns(j)]
+    for batch in tqdm(mine, desc=desc, disable=not progress, leave=False):
         width = len(seqs[batch[0]].ids)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         for row, i in enumerate(batch):
@@ -122,15 +116,8 @@ def loglikelihoods(
             target = torch.tensor(s.ids[end - s.n_cont :], device=logp.device)
             lp = logp.gather(-1, target[:, None]).sum().item()
             out[i] = (lp, bool((logp.argmax(-1) == target).all()))
-    return out
-
-
-def newline_id(tok: TokenizerLike) -> int | None:
-    """The id of a token that is exactly a newline, if the vocabulary has one (ours does)."""
-    for i in tok.encode("\n"):
-        if tok.decode([i]) == "\n":
-            return i
-    return None
+    merged = shard.merge(out)
+    return [merged[i] for i in range(len(seqs))]
 
 
 @torch.no_grad()
@@ -142,24 +129,21 @@ def generate(
     batch_size: int,
     desc: str = "generate",
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[str]:
-    """Greedy continuation of each prompt with `DecoderLM.generate` (its cached, recurrent decode path), up to the
-    first newline or eos. Prompts of equal length share a batch: the decode caches take no padding mask."""
+    """Greedy continuation of each prompt up to the first newline or eos, through `fm_pretrain.inference`: prompts of
+    any lengths share left-padded batches (longest first), and padding never reaches a real token, so each answer
+    is what its prompt generates alone. With a `shard` this rank generates its batches only; all ranks get all."""
     _check_model(model)
-    device = model_device(model)
-    stop = newline_id(tok)
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p.ids), []).append(i)
-    batches = [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
-    out = [""] * len(prompts)
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        input_ids = torch.tensor([prompts[i].ids for i in batch], dtype=torch.long, device=device)
-        # Early exit once every row has produced a newline (or eos when the vocabulary has no newline token).
-        gen = model.generate(input_ids, max_new_tokens, eos_id=stop if stop is not None else tok.eos_id)
-        for row, i in enumerate(batch):
-            new = gen[row, input_ids.shape[1] :].tolist()
-            if tok.eos_id in new:
-                new = new[: new.index(tok.eos_id)]
-            out[i] = tok.decode(new)
-    return out
+    shard = shard or Shard()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = [b for j, b in enumerate(batches) if shard.owns(j)]
+    out: dict[int, str] = {}
+    for batch in tqdm(mine, desc=desc, disable=not progress, leave=False):
+        outs = generate_text(
+            model, tok, [prompts[i].ids for i in batch], max_new_tokens, stop_strings=["\n"], batch_size=len(batch)
+        )
+        out.update((i, o.text) for i, o in zip(batch, outs, strict=True))
+    merged = shard.merge(out)
+    return [merged[i] for i in range(len(prompts))]

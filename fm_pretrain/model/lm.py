@@ -175,25 +175,21 @@ class DecoderLM(nn.Module):
         temperature: float = 0.0,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        start: torch.Tensor | None = None,
+        prefill_chunk: int | None = None,
     ) -> torch.Tensor:
-        """Prefill with the parallel path, then one token at a time with per-layer caches (greedy at T=0)."""
-        caches: list[dict] = [{} for _ in self.blocks]
-        logits = self._full_logits(self(input_ids, caches=caches).logits[:, -1])
-        out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
-            out.append(nxt)
-            if eos_id is not None:
-                done |= nxt.squeeze(-1) == eos_id
-                if bool(done.all()):
-                    break
-            logits = self._full_logits(self(nxt, caches=caches).logits[:, -1])
-        return torch.cat(out, dim=1)
+        """Prompts input_ids (B, T), left-padded when start (B,) (each row's first real position) is given ->
+        (B, T + n) with the n <= max_new_tokens generated tokens appended (greedy at temperature 0; after a row's
+        eos, its eos repeated). Prefill with the parallel path (in chunks of prefill_chunk tokens if given), then
+        one token at a time with per-layer caches. The full sampling options, stop strings and text handling are
+        in `fm_pretrain.inference` (docs/inference.md), which this calls."""
+        from fm_pretrain.inference import SamplingParams, generate_tokens
+
+        out = generate_tokens(
+            self, input_ids, max_new_tokens, start=start, sampling=SamplingParams(temperature=temperature),
+            eos_id=eos_id, generator=generator, prefill_chunk=prefill_chunk,
+        )  # fmt: skip
+        return torch.cat([input_ids, out.tokens], dim=1)
 
     def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """All of the vocabulary's logits (gathered from the TP ranks, without padding)."""

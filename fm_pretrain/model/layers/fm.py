@@ -26,6 +26,7 @@ from fm_kernels.fm import fm_recurrence, fm_recurrence_sparse, fm_step, fm_step_
 from fm_kernels.fm.routing import at_least_fp32, linear_at_rows, route, topk_route
 from fm_kernels.fm.sparse import dense_from_sparse
 from fm_pretrain.config import FMConfig
+from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param, tp_mean
 from fm_pretrain.parallel.sharding import local_size
 
@@ -83,6 +84,13 @@ def load_balancing_loss(alpha: torch.Tensor, rows: torch.Tensor | None, top_k: i
         hits = torch.zeros_like(probs).scatter(-1, rows.reshape(-1, rows.shape[-2], rows.shape[-1]), 1.0)
         frac = hits.mean(0) / top_k
     return m * (frac * probs.mean(0)).sum(-1).mean()
+
+
+def without_padding(g: Routing, pad: torch.Tensor) -> Routing:
+    """`g` with identity steps at the pad positions pad (B, T) bool: theta = 0 (no decay, no write) and xbar = 0,
+    so the state after a run of pads is the state before it (model/cache.py: left-padded generation)."""
+    head_major = pad[:, None, :, None]  # over (B, H, T, .)
+    return g._replace(theta=g.theta.masked_fill(head_major, 0.0), xbar=g.xbar.masked_fill(head_major, 0.0))
 
 
 class FactorizationMemory(nn.Module):
@@ -197,6 +205,9 @@ class FactorizationMemory(nn.Module):
             # The loss averages over heads: this rank's heads, then the mean over TP ranks.
             self.aux_loss = self.cfg.aux_loss_weight * tp_mean(load_balancing_loss(g.alpha, rows, top_k), self.tp)
 
+        pad = pad_positions(cache, x.shape[1], x.device)
+        if pad is not None:
+            g = without_padding(g, pad)
         final = None
         initial_state = None if cache is None else cache.get("state")
         if cache is not None and x.shape[1] == 1 and "state" in cache:
@@ -214,6 +225,7 @@ class FactorizationMemory(nn.Module):
             )  # fmt: skip
         if cache is not None and final is not None:  # prefill: the parallel path's final state seeds decoding
             cache["state"] = final
+        advance(cache, x.shape[1])
         return self._output(r, x)
 
     def _decode_step(self, cache: dict, g: Routing) -> torch.Tensor:

@@ -5,7 +5,9 @@ sequences: the convolution never reads a token of another document and the SSD s
 document start, so a packed document computes exactly what it would alone.
 
 Generation cache (one dict per layer): "conv" (B, d_conv - 1, conv_dim) holds the last inputs of the
-convolution, "ssm" (B, H, N, P) the fp32 SSD state.
+convolution, "ssm" (B, H, N, P) the fp32 SSD state. A prompt may be fed in several calls (chunked prefill), each
+continuing both. Left-padding positions recorded in the cache (model/cache.py) are identity steps: their
+convolution input is 0 (what a sequence start sees) and dt = 0 (no decay, no input to the state).
 """
 
 import logging
@@ -18,11 +20,12 @@ from torch import nn
 from fm_kernels.gated import resolve_backend, state_dtype
 from fm_kernels.ssd import ssd_chunked, ssd_step
 from fm_pretrain.config import Mamba2Config
+from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.model.layers.rope import positions_from_doc_ids
-
-log = logging.getLogger(__name__)
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
 from fm_pretrain.parallel.sharding import local_size
+
+log = logging.getLogger(__name__)
 
 
 class GatedRMSNorm(nn.Module):
@@ -121,18 +124,26 @@ class Mamba2(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model); with a cache dict (generation), doc_ids is None
+        and T = 1 takes the O(1) decoding step, T > 1 the chunked path continuing the cached state."""
         if cache is not None and doc_ids is not None:
             raise ValueError("generation with a cache handles one document per row: pass doc_ids=None")
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        pad = pad_positions(cache, T, x.device)
+        if pad is not None:
+            xBC = xBC.masked_fill(pad[..., None], 0.0)
         xBC = F.silu(self._conv(xBC, doc_ids, cache))
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs, Bm, Cm = xs.view(Bsz, T, H, P), Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
         # Discretisation parameters in fp32 whatever the compute dtype (as the reference kernels do).
         work = state_dtype(x)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
+        if pad is not None:
+            dt = dt.masked_fill(pad[..., None], 0.0)
         A = -torch.exp(self.A_log.to(work))
+        advance(cache, T)
 
         if cache is not None and T == 1:  # one decoding step: O(1) state update
             state = cache.get("ssm")
