@@ -146,7 +146,8 @@ class Checkpointer:
 
 
 class DownstreamEval:
-    """English/Japanese tasks scored on rank 0 (`downstream` section) every `downstream.every` steps and at the end."""
+    """English/Japanese tasks (`downstream` section) every `downstream.every` steps and at the end, the items split
+    over the data-parallel ranks (fm_pretrain/eval/dp.py) and logged by rank 0."""
 
     def __init__(self, cfg: DownstreamConfig, last_step: int, tokenizer, run_dir: Path):
         self.cfg, self.last, self.tokenizer, self.run_dir = cfg, last_step, tokenizer, run_dir

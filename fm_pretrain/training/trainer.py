@@ -71,7 +71,7 @@ class Trainer:
                     self.log_training(step, window, guard.total)
                 if self.validator.due(step):
                     self.validate(step)
-                if self.downstream.due(step):  # English/Japanese tasks, scored on rank 0
+                if self.downstream.due(step):  # English/Japanese tasks, items split over the ranks
                     self.downstream.run(self.engine.module, step, self.rank, self.tracker)
                     self.throughput.restart()  # evaluation time is not training throughput
                 faults.after_step(step)
