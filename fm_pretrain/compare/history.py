@@ -12,7 +12,10 @@ same order, so the packed columns stay aligned; points are sorted afterwards.
 What is read: the HISTORY_KEYS of names.py, in full (`train/consumed_samples` only when some run lacks
 `train/tokens`), and the per-layer router statistics at every n-th step (n = the largest step / ROUTER_POINTS,
 at least 1: the router plot thins its lines to about that many points anyway; the per-layer latest values come
-from the runs' latest metrics), averaged over layers per step as `router/mean/<stat>`.
+from the runs' latest metrics), averaged over layers per step as `router/mean/<stat>`; and, for the runs that
+have them, the offline evaluations' per-length metrics in full (`long_context/<lang>/loss_so_far/<L>`,
+`retrieval/<task>/acc/<L>`: one point per evaluated checkpoint), so that table.py can take every length of one
+evaluation, the latest.
 
 Other stores (an `mlflow server` over http, anything else) fall back to the MLflow client, one call per run and
 key, in a few threads, and give the same series. Cleaning is the same for both paths: a step logged twice (a
@@ -72,6 +75,32 @@ def router_layer_keys(metric_keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _length_keys(metric_keys: Sequence[str], prefix: str, metric: str, groups: Sequence[str] | None):
+    out = {}
+    for key in metric_keys:
+        parts = key.split("/")
+        if (len(parts) == 4 and parts[0] == prefix and parts[2] == metric and parts[3].isdigit()
+                and parts[1] and (groups is None or parts[1] in groups)):  # fmt: skip
+            out[key] = (parts[1], int(parts[3]))
+    return out
+
+
+def long_context_keys(metric_keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """{key: (lang, L)} of the long-context loss-so-far keys (`long_context/<lang>/loss_so_far/<L>`, lang en/ja)."""
+    return _length_keys(metric_keys, names.LONG_CONTEXT_PREFIX, names.LOSS_SO_FAR, names.LONG_CONTEXT_LANGS)
+
+
+def retrieval_keys(metric_keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """{key: (task, L)} of the retrieval accuracy per prompt length (`retrieval/<task>/acc/<L>`; not the overall
+    `retrieval/<task>/acc` nor the per-depth `retrieval/<task>/acc/<L>/<depth>`)."""
+    return _length_keys(metric_keys, names.RETRIEVAL_PREFIX, names.RETRIEVAL_ACC, None)
+
+
+def eval_length_keys(metric_keys: Sequence[str]) -> list[str]:
+    """The long-context and retrieval keys among `metric_keys`, sorted: read in full, kept as they are."""
+    return sorted({*long_context_keys(metric_keys), *retrieval_keys(metric_keys)})
+
+
 def clean(steps: np.ndarray, times_ms: np.ndarray, values: np.ndarray) -> Series:
     """Sorted by step, the last value by timestamp for a step logged twice; MLflow's +-DBL_MAX (inf) -> +-inf."""
     order = np.lexsort((times_ms, steps))
@@ -101,11 +130,12 @@ def mean_over_layers(per_layer: list[Series]) -> Series:
 
 
 def _assemble(runs: Sequence[RunRecord], raw: dict[str, dict[str, Series]]) -> dict[str, History]:
-    """{run id: {HISTORY_KEYS..., router/mean/<stat>}} from the per-key series of each run."""
+    """{run id: {HISTORY_KEYS..., long-context and retrieval keys, router/mean/<stat>}} from the per-key series."""
     out: dict[str, History] = {}
     for r in runs:
         series = raw.get(r.run_id, {})
-        hist = {k: v for k, v in series.items() if k in names.HISTORY_KEYS}
+        evals = set(eval_length_keys(list(series)))
+        hist = {k: v for k, v in series.items() if k in names.HISTORY_KEYS or k in evals}
         by_stat: dict[str, list[Series]] = {}
         for key, stat in router_layer_keys(list(series)).items():
             by_stat.setdefault(stat, []).append(series[key])
@@ -152,6 +182,7 @@ def _query_sqlite(con: sqlite3.Connection, runs: Sequence[RunRecord]):
     keys = [k for k in names.HISTORY_KEYS if k != names.CONSUMED_SAMPLES]
     if any(names.TOKENS not in r.latest for r in runs):
         keys.append(names.CONSUMED_SAMPLES)  # the fallback for tokens
+    keys += eval_length_keys(sorted({k for r in runs for k in r.latest}))  # offline evaluations: a few points each
     router: list[str] = sorted({k for r in runs for k in router_layer_keys(list(r.latest))})
     in_runs, in_keys = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
     sql = (f"SELECT {SERIES_COLUMNS} FROM metrics WHERE run_uuid IN ({in_runs}) AND key IN ({in_keys}) "
@@ -182,11 +213,11 @@ def _query_sqlite(con: sqlite3.Connection, runs: Sequence[RunRecord]):
 
 def client_keys(run: RunRecord) -> list[str]:
     """The metrics whose history the client path reads for `run`: the HISTORY_KEYS it logged (consumed samples
-    only without train/tokens) and every per-layer router statistic."""
+    only without train/tokens), the long-context and retrieval keys, and every per-layer router statistic."""
     keys = [k for k in names.HISTORY_KEYS if k in run.latest]
     if names.TOKENS in run.latest and names.CONSUMED_SAMPLES in keys:
         keys.remove(names.CONSUMED_SAMPLES)
-    return keys + sorted(router_layer_keys(list(run.latest)))
+    return keys + eval_length_keys(list(run.latest)) + sorted(router_layer_keys(list(run.latest)))
 
 
 def _client_history(client, run_id: str, key: str) -> tuple[str, str, Series]:
@@ -219,7 +250,8 @@ def read_client(store: Store, runs: Sequence[RunRecord], progress: bool = False)
 
 
 def read_histories(runs: Sequence[RunRecord], progress: bool = False) -> dict[str, History]:
-    """{run id: {key: Series}} for every run: the HISTORY_KEYS it logged and `router/mean/<stat>`."""
+    """{run id: {key: Series}} for every run: the HISTORY_KEYS it logged, its long-context and retrieval
+    per-length metrics, and `router/mean/<stat>`."""
     from tqdm import tqdm
 
     by_store: dict[Store, list[RunRecord]] = {}

@@ -27,6 +27,16 @@ ROUTER_STATS = ("entropy", "dead_rows", "max_load", "mean_load")
 # The per-step mean over layers that history.py builds from the per-layer keys.
 ROUTER_MEAN_PREFIX = "router/mean"
 
+# Offline evaluations of a checkpoint, logged into the training run at the checkpoint's step
+# (fm_pretrain/eval/run_logging.py): the long-context loss-so-far at context length L,
+# `long_context/<lang>/loss_so_far/<L>` (fm_pretrain/eval/long_context.py), and the retrieval accuracy at prompt
+# length L over all depths, `retrieval/<task>/acc/<L>` (fm_pretrain/eval/retrieval.py).
+LONG_CONTEXT_PREFIX = "long_context"
+LONG_CONTEXT_LANGS = ("en", "ja")
+LOSS_SO_FAR = "loss_so_far"
+RETRIEVAL_PREFIX = "retrieval"
+RETRIEVAL_ACC = "acc"
+
 # Params (the flattened config, plus n_params and flops_per_token) and tags.
 P_LAYER_PATTERN = "model.layer_pattern"
 P_M = "model.fm.n_memories"

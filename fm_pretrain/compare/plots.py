@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import names
-from .table import Curve, RunCurves, Table
+from .table import Curve, RunCurves, Table, context_length
 
 MAX_POINTS = 2000
 MAX_BAR_RUNS = 8  # more runs: the downstream scores as a heatmap
@@ -27,6 +27,8 @@ PLOT_FILES = {
     "throughput": "throughput.png",
     "downstream": "downstream.png",
     "router": "router.png",
+    "long_context": "long_context.png",
+    "retrieval": "retrieval.png",
 }
 
 
@@ -279,6 +281,93 @@ def plot_router(curves: Sequence[RunCurves], styles: list[dict], out: Path):
     return _finish(fig, out)
 
 
+def _length_axis(ax, lengths: Sequence[float]) -> None:
+    """Log-2 x axis of context lengths, ticked at the logged lengths (1K, 2K, ..., as the evaluations report)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ticks = sorted({int(x) for x in lengths})
+    if len(ticks) > 12:  # at most 12 labels, so they do not overlap
+        ticks = ticks[:: -(-len(ticks) // 12)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: context_length(round(v))))
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _figure_legend(fig, axes) -> None:
+    """One legend for all panels (labels first seen first), beside them."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=7)
+        fig.subplots_adjust(right=0.78)
+
+
+def plot_long_context(curves: Sequence[RunCurves], styles: list[dict], table: Table, out: Path):
+    """Per language (EN, JA: one panel each), the loss-so-far against context length of each run's latest
+    long-context evaluation; the length of the table's column (L*) and the runs' training lengths marked."""
+    have = [(c, s) for c, s in zip(curves, styles, strict=True) if c.long_context]
+    if not have:
+        return None
+    langs = [lang for lang in names.LONG_CONTEXT_LANGS if any(lang in c.long_context for c, _ in have)]
+    fig, axes = _figure(5.2 * len(langs) + 2.2, 4.4, cols=len(langs))
+    panels = list(axes[0])
+    for ax, lang in zip(panels, langs, strict=True):
+        lengths: list[float] = []
+        for c, style in have:
+            if lang in c.long_context:
+                curve = c.long_context[lang]
+                ax.plot(curve.x, curve.y, marker="o", markersize=3, linewidth=1.2, label=c.label, **style)
+                lengths += curve.x.tolist()
+        train = sorted({int(v) for c, _ in have if lang in c.long_context
+                        and (v := c.run.params.get(names.P_SEQ_LEN, "")).isdigit()})  # fmt: skip
+        for i, n in enumerate(train):
+            ax.axvline(n, color="grey", linewidth=0.8, linestyle="--", label="training length" if i == 0 else None)
+        star = table.long_context_lengths.get(lang)
+        if star is not None:
+            ax.axvline(star, color="black", linewidth=0.8, linestyle=":", label="table column's length")
+        _length_axis(ax, lengths + train)
+        n_without = len(curves) - sum(lang in c.long_context for c in curves)
+        title = f"{lang.upper()}: loss so far vs context length"
+        ax.set_title(title + (f" ({n_without} run(s) without, left out)" if n_without else ""), fontsize=10)
+        ax.set_xlabel("context length L (tokens)")
+        ax.grid(alpha=0.3)
+    panels[0].set_ylabel("loss so far (mean NLL over the first L tokens)")
+    _figure_legend(fig, panels)
+    return _finish(fig, out)
+
+
+def plot_retrieval(curves: Sequence[RunCurves], styles: list[dict], out: Path):
+    """Per retrieval task (one panel each), the accuracy (mean over depths) against prompt length of each run's
+    latest retrieval evaluation."""
+    have = [(c, s) for c, s in zip(curves, styles, strict=True) if c.retrieval]
+    if not have:
+        return None
+    known = ("passkey", "needle_en", "needle_ja")  # fm_pretrain.eval.retrieval.TASKS, then any other, by name
+    found = {t for c, _ in have for t in c.retrieval}
+    tasks = [t for t in known if t in found] + sorted(found - set(known))
+    fig, axes = _figure(4.6 * len(tasks) + 2.2, 4.2, cols=len(tasks))
+    panels = list(axes[0])
+    for ax, task in zip(panels, tasks, strict=True):
+        lengths: list[float] = []
+        for c, style in have:
+            if task in c.retrieval:
+                curve = c.retrieval[task]
+                ax.plot(curve.x, curve.y, marker="o", markersize=3, linewidth=1.2, label=c.label, **style)
+                lengths += curve.x.tolist()
+        _length_axis(ax, lengths)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task}: accuracy vs length", fontsize=10)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(alpha=0.3)
+    panels[0].set_ylabel("retrieval accuracy (mean over depths)")
+    _figure_legend(fig, panels)
+    return _finish(fig, out)
+
+
 def write_plots(
     curves: Sequence[RunCurves], table: Table, out_dir: Path, smoothing: float = 0.9, progress: bool = False
 ) -> dict[str, Path]:
@@ -294,6 +383,8 @@ def write_plots(
         "throughput": lambda p: plot_throughput(curves, styles, p),
         "downstream": lambda p: plot_downstream(curves, styles, table, p),
         "router": lambda p: plot_router(curves, styles, p),
+        "long_context": lambda p: plot_long_context(curves, styles, table, p),
+        "retrieval": lambda p: plot_retrieval(curves, styles, p),
     }
     written = {}
     for name, job in tqdm(jobs.items(), desc="plots", unit="plot", disable=not progress):

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import names
 from .select import RunRecord, Selection, Store
-from .table import NA, Column, Table, human
+from .table import LONG_CONTEXT_COLUMNS, NA, Column, Table, context_length, human
 
 FILES = {"md": "table.md", "csv": "table.csv", "txt": "table.txt", "html": "report.html", "json": "summary.json"}
 MAX_TAG_LEN = 8000  # MLflow's limit on a tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
@@ -57,10 +57,13 @@ def fmt(value: Any, kind: str, short_id: bool = True) -> str:
 
 
 def _headers(table: Table, columns: Sequence[Column]) -> list[str]:
+    lc_length = {LONG_CONTEXT_COLUMNS[lang]: n for lang, n in table.long_context_lengths.items() if n is not None}
     out = []
     for c in columns:
         if c.key == "val_loss_matched" and table.matched_tokens is not None:
             out.append(f"val loss @ {human(table.matched_tokens)} tok")
+        elif c.key in lc_length:
+            out.append(f"{c.header} @ {context_length(lc_length[c.key])} ctx")
         else:
             out.append(c.header)
     return out
@@ -104,14 +107,18 @@ def render_markdown(table: Table) -> str:
 
 
 def render_csv(table: Table) -> str:
-    """Raw numbers (full precision, full run ids); blank cells stay empty; matched_tokens repeated per row."""
+    """Raw numbers (full precision, full run ids); blank cells stay empty; matched_tokens repeated per row, and
+    the context length of each long-context column (`long_context_length_<lang>`) when there is one."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([c.key for c in table.columns] + ["matched_tokens"])
+    langs = list(table.long_context_lengths)
+    writer.writerow([c.key for c in table.columns] + ["matched_tokens"] + [f"long_context_length_{x}" for x in langs])
+    extra = ["" if table.matched_tokens is None else repr(table.matched_tokens)]
+    extra += ["" if table.long_context_lengths[x] is None else str(table.long_context_lengths[x]) for x in langs]
     for row in table.rows:
         cells = ["" if row.get(c.key) is None else repr(row[c.key]) if isinstance(row[c.key], float)
                  else str(row[c.key]) for c in table.columns]  # fmt: skip
-        writer.writerow(cells + ["" if table.matched_tokens is None else repr(table.matched_tokens)])
+        writer.writerow(cells + extra)
     return buf.getvalue()
 
 
@@ -160,6 +167,7 @@ def summary(table: Table, selection: Selection, plots: dict[str, Path], args: di
             for r in selection.runs
         ],
         "matched_tokens": table.matched_tokens,
+        "long_context_lengths": table.long_context_lengths,
         "missing": table.missing,
         "notes": table.notes + selection.notes,
         "rows": table.rows,

@@ -17,6 +17,11 @@ Every number is derived from what the runs logged (names.py):
 - downstream: the latest `downstream/<task>/<metric>` (or older `eval/<task>/<metric>`) of each task's primary
   metric; the EN and JA averages are over the tasks of that language that every run with downstream scores has
   (listed in the table's notes), so the averages compare like with like.
+- long context (python -m fm_pretrain.eval.long_context, logged into the run at a checkpoint's step): per language,
+  the loss-so-far against context length L (`long_context/<lang>/loss_so_far/<L>`) of the run's latest evaluated
+  step (the lengths of one evaluation, never mixed with an earlier checkpoint's); the table's column is the value at
+  L*, the longest length that every run with that language's metrics logged. Retrieval accuracy against prompt
+  length (`retrieval/<task>/acc/<L>`, python -m fm_pretrain.eval.retrieval) likewise, for the plot.
 
 A value a run did not log is None (a blank cell) and counted per column in `Table.missing`; a value that does not
 apply (m, k, tau of a model without FM layers) is `NA`.
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import names
-from .history import History, router_layer_keys
+from .history import History, Series, long_context_keys, retrieval_keys, router_layer_keys
 from .select import CompareError, RunRecord
 
 NA = "n/a"  # not applicable (not counted as missing)
@@ -68,6 +73,12 @@ class RunCurves:
     tokens_seen: float | None = None
     device_hours: float | None = None
     x_is_steps: bool = False  # no way to know tokens: curves are against steps
+    # offline evaluations at the latest evaluated step: lang -> loss-so-far against context length (tokens),
+    # task -> retrieval accuracy against prompt length; and that step
+    long_context: dict[str, Curve] = field(default_factory=dict)
+    long_context_step: dict[str, int] = field(default_factory=dict)
+    retrieval: dict[str, Curve] = field(default_factory=dict)
+    retrieval_step: dict[str, int] = field(default_factory=dict)
 
 
 def _float(value: Any) -> float | None:
@@ -169,6 +180,23 @@ def downstream_scores(latest: dict[str, float]) -> dict[str, tuple[str, float]]:
     return out
 
 
+def latest_by_length(hist: History, keys: dict[str, tuple[str, int]]) -> dict[str, tuple[int, Curve]]:
+    """{group: (step, Curve(lengths, values))} from per-length keys ({key: (group, length)}): per group (language,
+    task), the finite values logged at the latest step any of its keys has, sorted by length."""
+    by_group: dict[str, list[tuple[int, Series]]] = {}
+    for key, (group, length) in keys.items():
+        s = hist.get(key)
+        if s is not None and len(s.finite()):
+            by_group.setdefault(group, []).append((length, s.finite()))
+    out = {}
+    for group, items in by_group.items():
+        step = max(int(s.steps.max()) for _, s in items)
+        points = sorted((length, float(s.values[s.steps == step][-1])) for length, s in items if step in s.steps)
+        x = np.array([p[0] for p in points], dtype=np.float64)
+        out[group] = (step, Curve(x, np.array([p[1] for p in points], dtype=np.float64)))
+    return out
+
+
 def derive_curves(run: RunRecord, hist: History, label: str) -> RunCurves:
     """The curves and single numbers of one run."""
     c = RunCurves(run=run, label=label)
@@ -198,6 +226,10 @@ def derive_curves(run: RunRecord, hist: History, label: str) -> RunCurves:
         if math.isfinite(run.latest[key]):
             c.router_layers.setdefault(stat, {})[int(key.split("/")[1][len("layer") :])] = run.latest[key]
     c.downstream = downstream_scores(run.latest)
+    for lang, (step, curve) in latest_by_length(hist, long_context_keys(list(hist))).items():
+        c.long_context[lang], c.long_context_step[lang] = curve, step
+    for task, (step, curve) in latest_by_length(hist, retrieval_keys(list(hist))).items():
+        c.retrieval[task], c.retrieval_step[task] = curve, step
 
     # tokens seen: the logged count, else the token count of the last training step
     if names.TOKENS in run.latest and math.isfinite(run.latest[names.TOKENS]):
@@ -250,6 +282,9 @@ class Table:
     missing: dict[str, list[str]]  # column key -> labels of the runs with a blank there
     notes: list[str]
     tasks: dict[str, list[str]]  # "en"/"ja" -> the tasks in that average
+    # language -> L*, the context length of its long-context column (None: the runs have no length in common);
+    # only the languages some run has long-context metrics of
+    long_context_lengths: dict[str, int | None] = field(default_factory=dict)
 
     def column(self, key: str) -> Column:
         return next(c for c in self.columns if c.key == key)
@@ -276,7 +311,29 @@ BASE_COLUMNS = [
     Column("downstream_ja", "JA avg", "score"),
 ]
 STATUS = Column("status", "status", "text")
-SORT_KEYS = tuple(c.key for c in BASE_COLUMNS) + ("status",)
+LONG_CONTEXT_COLUMNS = {lang: f"long_context_{lang}" for lang in names.LONG_CONTEXT_LANGS}  # lang -> column key
+SORT_KEYS = tuple(c.key for c in BASE_COLUMNS) + tuple(LONG_CONTEXT_COLUMNS.values()) + ("status",)
+
+
+def context_length(n: int) -> str:
+    """4096 -> '4K', 131072 -> '128K' (K = 1024, as the long-context evaluation reports), 3000 -> '3000'."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def common_length(curves: Sequence[Curve]) -> int | None:
+    """The longest context length logged in every one of the curves (None when they share none)."""
+    if not curves:
+        return None
+    common = set.intersection(*({int(x) for x in c.x} for c in curves))
+    return max(common) if common else None
+
+
+def value_at_length(curve: Curve | None, length: int | None) -> float | None:
+    """The curve's value logged at exactly `length` (no interpolation), else None."""
+    if curve is None or length is None:
+        return None
+    hit = np.flatnonzero(curve.x == float(length))
+    return float(curve.y[hit[0]]) if len(hit) else None
 
 
 def interpolate_at(curve: Curve | None, x: float | None) -> float | None:
@@ -328,7 +385,13 @@ def build_table(curves: Sequence[RunCurves], sort: str = "val_loss_matched") -> 
         group = [t for t in GROUPS.get(lang, []) if all(t in c.downstream for c in with_scores)]
         tasks_by_lang[lang] = group if with_scores else []
     task_cols = [Column(f"task:{t}", f"{t} ({_primary(with_scores, t)})", "score", terminal=False) for t in all_tasks]
-    columns = [*BASE_COLUMNS, *task_cols, STATUS]
+    lc_lengths = {
+        lang: common_length([c.long_context[lang] for c in curves if lang in c.long_context])
+        for lang in names.LONG_CONTEXT_LANGS
+        if any(lang in c.long_context for c in curves)
+    }
+    lc_cols = [Column(LONG_CONTEXT_COLUMNS[lang], f"{lang.upper()} loss-so-far", "loss") for lang in lc_lengths]
+    columns = [*BASE_COLUMNS, *lc_cols, *task_cols, STATUS]
 
     rows = []
     for c in curves:
@@ -356,6 +419,8 @@ def build_table(curves: Sequence[RunCurves], sort: str = "val_loss_matched") -> 
             tasks = tasks_by_lang[lang]
             row[f"downstream_{lang}"] = float(np.mean([c.downstream[t][1] for t in tasks])) if (
                 tasks and c.downstream) else None  # fmt: skip
+        for lang, length in lc_lengths.items():
+            row[LONG_CONTEXT_COLUMNS[lang]] = value_at_length(c.long_context.get(lang), length)
         for t in all_tasks:
             row[f"task:{t}"] = c.downstream[t][1] if t in c.downstream else None
         row["status"] = r.status
@@ -374,8 +439,8 @@ def build_table(curves: Sequence[RunCurves], sort: str = "val_loss_matched") -> 
         blanks = [row["run"] for row in rows if row.get(col.key) is None]
         if blanks:
             missing[col.key] = blanks
-    notes = _notes(curves, t_star, tasks_by_lang)
-    return Table(columns, rows, t_star, missing, notes, tasks_by_lang)
+    notes = _notes(curves, t_star, tasks_by_lang) + _long_context_notes(curves, lc_lengths)
+    return Table(columns, rows, t_star, missing, notes, tasks_by_lang, long_context_lengths=lc_lengths)
 
 
 def _primary(curves: Sequence[RunCurves], task: str) -> str:
@@ -399,4 +464,20 @@ def _notes(curves: Sequence[RunCurves], t_star: float | None, tasks: dict[str, l
     if stepped:
         notes.append(f"no token count logged (train/tokens, train/consumed_samples + data.seq_len, or the batch "
                      f"params) for {', '.join(stepped)}: curves against steps, no matched-token value")  # fmt: skip
+    return notes
+
+
+def _long_context_notes(curves: Sequence[RunCurves], lengths: dict[str, int | None]) -> list[str]:
+    notes = []
+    for lang, length in lengths.items():
+        n = sum(lang in c.long_context for c in curves)
+        label = f"{lang.upper()} loss-so-far"
+        if length is None:
+            notes.append(f"{label}: the {n} run(s) with {lang.upper()} long-context metrics logged no context length "
+                         "in common: blank")  # fmt: skip
+            continue
+        notes.append(f"{label} @ {context_length(length)} ctx: mean NLL over the first {length} tokens "
+                     f"({names.LONG_CONTEXT_PREFIX}/{lang}/{names.LOSS_SO_FAR}/{length}) at each run's latest "
+                     f"long-context evaluation; {length}: the longest length logged by every run with "
+                     f"{lang.upper()} long-context metrics ({n})")  # fmt: skip
     return notes
