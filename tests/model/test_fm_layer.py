@@ -186,6 +186,44 @@ def test_sparse_gates_equal_dense_formulation(opts):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
 
 
+@pytest.mark.parametrize("opts", [dict(top_k=3), dict(top_k=7, tau=0.6, rate_bias_init=-1.0), dict(top_k=1)])
+def test_single_token_rates_from_the_full_projection_equal_the_gathered(opts, monkeypatch):
+    """The decode step's rates (T = 1: the full projection W x + b, then the k routed values) == the gathered
+    rates of `linear_at_rows` at the same rows, and == the T > 1 gates at that token, fp64 tight, with equal
+    gradients; only T > 1 calls linear_at_rows."""
+    import fm_pretrain.model.layers.fm as fm_module
+
+    layer = randomise(make_layer(**opts), 4)
+    B, T, H, m, k = 3, 5, layer.n_heads, layer.n_memories, layer.top_k
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, 16, dtype=torch.float64, generator=gen)
+    calls = []
+    gathered = fm_module.linear_at_rows
+    monkeypatch.setattr(fm_module, "linear_at_rows", lambda **kw: calls.append(kw["index"].shape) or gathered(**kw))
+    seq = layer._gates(x)
+    assert len(calls) == 2  # eta and mu over T = 5 tokens: the gathered path
+    for t in range(T):
+        calls.clear()
+        xt = x[:, t : t + 1].clone().requires_grad_(True)
+        one = layer._gates(xt)
+        assert calls == [], "a single token must not gather weight rows"
+        assert torch.equal(one.rows, seq.rows[:, :, t : t + 1])
+        index = (one.rows.transpose(1, 2) + torch.arange(H).view(1, 1, H, 1) * m).reshape(B, 1, H * k)
+        for name in ("eta", "mu"):
+            rate, w, b = getattr(one, name), getattr(layer, f"w_{name}").weight, getattr(layer, f"b_{name}")
+            ref = torch.sigmoid(gathered(x=xt, weight=w, index=index, bias=b)).view(B, 1, H, k)
+            assert rate.shape == (B, 1, H, k)
+            torch.testing.assert_close(rate, ref, rtol=1e-14, atol=1e-15, msg=lambda s, n=name: f"{n}: {s}")
+            torch.testing.assert_close(rate, getattr(seq, name)[:, t : t + 1], rtol=1e-14, atol=1e-15)
+            v = torch.randn(rate.shape, dtype=torch.float64, generator=gen)
+            got = torch.autograd.grad((rate * v).sum(), (xt, w, b))
+            want = torch.autograd.grad((ref * v).sum(), (xt, w, b))
+            for g_got, g_want in zip(got, want):
+                torch.testing.assert_close(g_got, g_want, rtol=1e-13, atol=1e-15, msg=lambda s, n=name: f"d{n}: {s}")
+        torch.testing.assert_close(one.theta, seq.theta[:, :, t : t + 1], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(one.phi, seq.phi[:, :, t : t + 1], rtol=1e-14, atol=1e-15)
+
+
 def split_heads(full: FactorizationMemory, n_parts: int) -> list[FactorizationMemory]:
     """Layers of n_heads / n_parts heads holding the full layer's head slices, as tensor parallelism splits it:
     W_alpha, W_eta, W_mu, W_i, W_gate, b_eta, b_mu and the read norm by head (dim 0), W_o by its input (dim 1)."""

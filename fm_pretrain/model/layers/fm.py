@@ -7,7 +7,8 @@ H_t[i] = (1 - theta_t[i]) H_{t-1}[i] + theta_t[i] xbar_t and the read r_t = H_t^
 The dense variant forms theta, phi over all m rows. The sparse variant (top_k < m) forms nothing of size
 T x m but the router logits: the top-k and their renormalised weights come from the logits directly
 (`topk_route`), and per-row rates are computed only at the routed rows (`linear_at_rows`, which gathers rows
-of W_eta and W_mu), giving theta, phi of shape (B, H, T, k) for the sparse kernels.
+of W_eta and W_mu; a single token, the decode step, projects onto all m and gathers the k values instead), giving
+theta, phi of shape (B, H, T, k) for the sparse kernels.
 
 Initialisation (the paper states none): every projection N(0, init_std) as set by the LM, the output
 projection scaled down with depth, and the rate biases b_eta = b_mu = rate_bias_init (sigma(0) = 0.5).
@@ -153,12 +154,25 @@ class FactorizationMemory(nn.Module):
         """sigma(W x + b) at the routed rows: x (B, T, d_model), rows (B, T, H, k) -> (B, T, H, k), fp32.
 
         Per-row rates gather the k rows of W (and b) per head instead of projecting onto all m (see
-        `fm_kernels.fm.routing` for the cost); one rate per head is a (B, T, H, 1) projection as in the dense
+        `fm_kernels.fm.routing` for the cost), except for a single token (T = 1, the decode step), which projects
+        onto all m and gathers the k values; one rate per head is a (B, T, H, 1) projection as in the dense
         variant. Row i of head h is row h * m + i of this rank's W (its heads are whole, so local indices serve).
         """
         B, T, H, k = rows.shape
         if not self.cfg.rate_per_row:
             return torch.sigmoid(at_least_fp32(proj(x) + bias)).view(B, T, H, 1)
+        if T == 1:
+            # One token (the decode step): the full projection W x + b onto all H m rows, one contiguous GEMV, then
+            # the k routed values. Its (B, 1, H m) output is the size of the router logits this token forms anyway,
+            # and it reads as much weight (H m d_model) as the router does, so it adds nothing of a T x m kind; it
+            # saves linear_at_rows's per-token copy of H k gathered weight rows and its autograd Function (22% of
+            # the sparse decode step on CPU at batch 1, docs/benchmarks.md). Same values up to the order of the
+            # sums, and with autograd the same gradient shapes (W's is (H m, d_model) on both paths), so the rule
+            # is T alone, whether or not a cache or a gradient is involved. T > 1 (training, prefill, even a short
+            # chunk) keeps the gathered path: there the full projection would be a (B, T, H m) tensor with as large
+            # a gradient, what the sparse variant exists to avoid, and one call's overhead is spread over T tokens.
+            pre = F.linear(self._tp_input(x), proj.weight, bias).view(B, 1, H, self.n_memories)
+            return torch.sigmoid(at_least_fp32(pre.gather(-1, rows)))
         head_base = torch.arange(H, device=rows.device).view(1, 1, H, 1) * self.n_memories
         index = (rows + head_base).view(B, T, H * k)
         # At tp > 1 a column-parallel layer all-reduces its input's gradient over the TP group; reading the

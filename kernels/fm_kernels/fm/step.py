@@ -41,10 +41,23 @@ def fm_step_sparse(
 
         return fm_step_sparse_triton(state=state, rows=rows, theta_k=theta_k, phi_k=phi_k, xbar=xbar)
     dt = state.dtype
-    idx = rows.unsqueeze(-1).expand(*rows.shape, state.shape[-1])
-    sel = state.gather(2, idx)  # (B, H, k, d)
+    B, H, m, d = state.shape
+    rows_at_once = state.is_contiguous()
+    if rows_at_once:
+        # Whole rows of the (B H m, d) view: index_select / index_copy_ move k contiguous rows per head, where
+        # gather / scatter_ with an index expanded over d go element by element (the step took twice as long at
+        # batch 16 on CPU, H = 4, m = 64, k = 16, d = 64). The same values: both only copy.
+        flat = state.view(B * H * m, d)
+        index = (rows + torch.arange(0, B * H * m, m, device=rows.device).view(B, H, 1)).reshape(-1)
+        sel = flat.index_select(0, index).view(*rows.shape, d)  # (B, H, k, d)
+    else:
+        idx = rows.unsqueeze(-1).expand(*rows.shape, d)
+        sel = state.gather(2, idx)
     w = theta_k.to(dt).unsqueeze(-1)
     sel = (1 - w) * sel + w * xbar.to(dt).unsqueeze(-2)
-    state.scatter_(2, idx, sel)
-    r = torch.einsum("bhk,bhkd->bhd", phi_k.to(dt), sel)
+    if rows_at_once:
+        flat.index_copy_(0, index, sel.reshape(-1, d))
+    else:
+        state.scatter_(2, idx, sel)
+    r = (phi_k.to(dt).unsqueeze(-2) @ sel).squeeze(-2)  # (B, H, 1, k) @ (B, H, k, d): the bmm einsum would call
     return r.to(xbar.dtype), state
