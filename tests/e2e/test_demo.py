@@ -30,6 +30,6 @@ def test_demo_runs_end_to_end_and_validation_loss_falls(tmp_path):
     assert "validation loss fell" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow.db" in result.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_40"
-    results = json.loads((run_dir / "eval" / "step_40" / "eval_results.json").read_text())
+    results = json.loads((run_dir / "downstream" / "step_40" / "eval_results.json").read_text())
     assert len(results["tasks"]) == 17 and all(t["counts"]["scored"] == 20 for t in results["tasks"].values())
     assert "downstream evaluation of 17 EN/JA tasks" in result.stdout
