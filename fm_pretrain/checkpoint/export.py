@@ -30,14 +30,36 @@ def full_weights(universal_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def missing_files(step_dir: Path, meta: dict[str, Any]) -> list[str]:
+    """The DeepSpeed files that a checkpoint of meta.json's layout holds and `step_dir` lacks ([] when complete):
+    per TP rank t and DP rank d, ZeRO-0: mp_rank_<t>_model_states.pt; ZeRO 1/2: those and
+    zero_pp_rank_<d>_mp_rank_<t>_optim_states.pt; ZeRO-3: zero_pp_rank_<d>_mp_rank_<t>_{model,optim}_states.pt."""
+    layout = meta.get("layout") or {}
+    dp, stage, tp = int(layout.get("dp", 1)), int(layout.get("zero_stage", 1)), int(layout.get("tp", 1))
+    want = []
+    for t in range(tp):
+        if stage < 3:
+            want.append(f"mp_rank_{t:02d}_model_states.pt")
+        for d in range(dp) if stage > 0 else ():
+            want += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt" for kind in ("model", "optim")[stage < 3 :]]
+    return [f for f in want if not (Path(step_dir) / f).is_file()]
+
+
 def load_weights(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full fp32 weights by parameter name, from the universal form (made once if missing) or, for a ZeRO-0
-    checkpoint (which the universal converter cannot read), its module states."""
+    checkpoint (which the universal converter cannot read), its module states. A checkpoint missing some of its
+    layout's files (a partial copy) raises FileNotFoundError naming them."""
     step_dir = Path(step_dir)
     universal = step_dir / UNIVERSAL_DIR
     if is_universal(universal):
         return full_weights(universal)
     layout = meta.get("layout", {})
+    missing = missing_files(step_dir, meta)
+    if missing:
+        raise FileNotFoundError(
+            f"{step_dir}: incomplete checkpoint (layout {layout}): missing {', '.join(missing[:6])}"
+            + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        )
     if int(layout.get("zero_stage", 1)) == 0:
         if int(layout.get("tp", 1)) != 1:
             raise ValueError(f"{step_dir}: a ZeRO-0 checkpoint at tensor_parallel > 1 has no full-weight form")

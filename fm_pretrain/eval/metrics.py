@@ -25,14 +25,17 @@ def argmax_first(values: Sequence[float]) -> int:
 
 
 def continuation_length(text: str, unit: NormUnit) -> int:
-    return len(text.encode("utf-8")) if unit == "bytes" else len(text)
+    """The length acc_norm divides by: the choice's text without the one-space delimiter before it (" yes" -> 3),
+    as lm-evaluation-harness measures its choices; in characters or UTF-8 bytes."""
+    choice = text[1:] if text.startswith(" ") else text
+    return len(choice.encode("utf-8")) if unit == "bytes" else len(choice)
 
 
 def choice_scores(
     logprobs: Sequence[float], continuations: Sequence[str], gold: int, unit: NormUnit = "chars"
 ) -> dict[str, float]:
     """acc: the highest log-likelihood is the gold choice; acc_norm: the same after dividing each log-likelihood
-    by its continuation's length in characters (lm-evaluation-harness's acc_norm) or UTF-8 bytes."""
+    by its choice's length (`continuation_length`: lm-evaluation-harness's acc_norm) in characters or UTF-8 bytes."""
     lengths = [continuation_length(c, unit) for c in continuations]
     if min(lengths) <= 0:
         raise ValueError(f"acc_norm needs non-empty continuations, got lengths {lengths}")

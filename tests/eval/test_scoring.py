@@ -164,6 +164,10 @@ def test_acc_norm_ties_and_length_units():
     assert choice_scores([-2.0, -2.0], [" a", " b"], gold=1) == {"acc": 0.0, "acc_norm": 0.0}
     # a longer continuation with a lower total log-likelihood wins once normalised by characters
     assert choice_scores([-4.0, -3.0], [" long answer", " ab"], gold=0) == {"acc": 0.0, "acc_norm": 1.0}
+    # the one-space delimiter is not counted (lm-evaluation-harness divides by the choice's own length):
+    # -2/2 = -1.0 beats -2.9/3 = -0.97 only if " ab" counts 2 characters, not 3
+    assert choice_scores([-2.9, -2.0], [" abc", " ab"], gold=1) == {"acc": 1.0, "acc_norm": 0.0}
+    assert choice_scores([-3.1, -2.0], [" abc", " ab"], gold=0) == {"acc": 0.0, "acc_norm": 0.0}
     # bytes and characters disagree on Japanese: 3 chars = 9 UTF-8 bytes
     lps, conts = [-3.0, -1.9], ["マザー", "ab"]
     assert choice_scores(lps, conts, gold=0, unit="chars")["acc_norm"] == 0.0  # -1.0 < -0.95
