@@ -201,6 +201,15 @@ fm_slurm_eval() {
         args+=(--device cpu)
     fi
     export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+    if [[ ${HARNESS:-fm} == lm-eval ]]; then  # lm-evaluation-harness on the checkpoint (docs/export.md)
+        local ckpt=${CHECKPOINT:-} largs=("$@")
+        fm_has_option --model_args "$@" || largs=(--model fm_pretrain --model_args "checkpoint=$ckpt" "${largs[@]}")
+        fm_has_option --tasks "$@" || largs+=(--tasks fm_all)
+        if ! fm_has_option --device "$@" && [[ $(fm_gpus_on_node) -eq 0 ]]; then largs+=(--device cpu); fi
+        echo "fm-pretrain: eval job $SLURM_JOB_ID (lm-evaluation-harness): $python -m fm_pretrain.eval.lm_eval_model ${largs[*]}"
+        exec "$python" -m fm_pretrain.eval.lm_eval_model "${largs[@]}"
+    fi
+    [[ ${HARNESS:-fm} == fm ]] || fm_die "HARNESS must be fm (our harness, the default) or lm-eval, got '$HARNESS'"
     echo "fm-pretrain: eval job $SLURM_JOB_ID on $(hostname -s), $(fm_gpus_on_node) GPU(s): $python -m fm_pretrain.eval ${args[*]}"
     exec "$python" -m fm_pretrain.eval "${args[@]}"
 }

@@ -7,6 +7,8 @@
 # Arguments go to `python -m fm_pretrain.eval` (--tasks, --limit, --num-fewshot, --batch-size, --data-dir, ...);
 # --checkpoint comes from CHECKPOINT and --device is cpu when the job has no GPU, unless given. Scores are logged
 # into the training run (RUN_DIR/mlflow_run_id) of the run's tracking store ($MLFLOW_TRACKING_URI when set).
+# HARNESS=lm-eval runs lm-evaluation-harness on the checkpoint instead (`--model fm_pretrain`, tasks fm_all unless
+# --tasks is given; arguments go to lm_eval); HARNESS=fm (the default) is our harness.
 #SBATCH --job-name=fm-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
