@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from fm_pretrain.config import TrackingConfig
-from fm_pretrain.tracking import MAX_METRICS_PER_BATCH, RUN_ID_FILE, ensure_store, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -114,35 +112,25 @@ def plot_accuracy(results: dict[str, Any], out: Path, title: str) -> Path:
 def log_to_mlflow(
     results: dict[str, Any], run_dir: Path, step: int, tracking: TrackingConfig, tags: dict[str, str] | None = None
 ) -> str:
-    """Log metrics at `step` and the results and chart as artifacts; returns the MLflow run id.
+    """Log metrics at `step` and the results and chart as artifacts (`downstream/step_<N>/`); returns the run id.
 
-    The training run (RUN_DIR/mlflow_run_id) is reopened by id with a plain client: its status, params and tags
-    are left as they are, so this is safe while training goes on. Without one, a new run is created (and its id
-    is not written to run_dir, so a later training still starts its own run)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    Through `run_logging.log_offline_eval`: the training run (RUN_DIR/mlflow_run_id) is reopened by id with a plain
+    client, its status, params and tags left as they are, so this is safe while training goes on; without one, a
+    new run `eval-<run dir name>` is created (its id is not written to run_dir)."""
+    from .run_logging import log_offline_eval
 
-    uri = resolve_tracking_uri(tracking, run_dir)
-    experiment_id = ensure_store(uri, tracking.experiment)
-    client = MlflowClient(tracking_uri=uri)
-    id_file = run_dir / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else ""
-    new_run = not run_id
-    if new_run:
-        run = client.create_run(experiment_id, run_name=f"eval-{run_dir.resolve().name}", tags=tags or {})
-        run_id = run.info.run_id
-    else:
-        client.get_run(run_id)  # fails loudly (naming the id) if the file points at a run this store lacks
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, step) for k, v in flat_metrics(results).items()]
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-    artifact_dir = f"{METRIC_PREFIX}/step_{step}"
     with tempfile.TemporaryDirectory() as tmp:
-        write_results(results, Path(tmp) / RESULTS_FILE)
-        plot_accuracy(results, Path(tmp) / PLOT_FILE, f"{run_dir.resolve().name} step {step}")
-        client.log_artifacts(run_id, tmp, artifact_dir)
-    if new_run:
-        client.set_terminated(run_id)
-    log.info("logged %d eval metrics at step %d to MLflow run %s (%s)", len(metrics), step, run_id, uri)
-    return run_id
+        files = [
+            write_results(results, Path(tmp) / RESULTS_FILE),
+            plot_accuracy(results, Path(tmp) / PLOT_FILE, f"{run_dir.resolve().name} step {step}"),
+        ]
+        return log_offline_eval(
+            run_dir,
+            tracking,
+            step,
+            flat_metrics(results),
+            files,
+            f"{METRIC_PREFIX}/step_{step}",
+            kind="eval",
+            tags=tags,
+        )
