@@ -25,7 +25,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
-MIXERS = ("fm", "attention", "mamba2")
+MIXERS = ("fm", "attention", "mamba2", "gla", "gated_delta", "mom")
+# Mixers whose state is a linear memory read as S^T q: Memory Caching (model.memory_caching) can wrap them.
+MEMORY_CACHING_MIXERS = ("fm", "gla", "gated_delta")
 
 
 @dataclass
@@ -68,6 +70,74 @@ class Mamba2Config:
     dt_max: float = 0.1
 
 
+@dataclass
+class GLAConfig:
+    """Gated linear attention (Yang et al. 2023): per-key decay on the shared gated kernels (docs/memory_family.md)."""
+
+    n_heads: int = 4
+    d_key: int = 64  # K per head (queries and keys)
+    d_value: int = 64  # V per head
+    gate_low_rank: int = 16  # the forget gate's projection W_g = W_up W_down of this rank; 0: one full-rank matrix
+    gate_norm: float = 16.0  # log-decay g = logsigmoid(W_g x + b) / gate_norm (GLA's "gate logit normaliser")
+    output_gate: bool = True  # SiLU output gate after the per-head RMSNorm
+    short_conv: bool = False  # depthwise causal conv (+ SiLU) on q, k, v
+    d_conv: int = 4
+    chunk_size: int = 64
+    backend: Literal["auto", "torch", "triton"] = "auto"  # the gated kernels' backend, as model.fm.backend
+
+
+@dataclass
+class GatedDeltaConfig:
+    """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024): the gated delta rule (docs/memory_family.md)."""
+
+    n_heads: int = 4
+    d_key: int = 64  # K per head (q and k are L2-normalised)
+    d_value: int = 128  # V per head
+    output_gate: bool = True  # SiLU output gate after the per-head RMSNorm
+    short_conv: bool = True  # depthwise causal conv (+ SiLU) on q, k, v, as the reference requires
+    d_conv: int = 4
+    chunk_size: int = 64
+    dt_min: float = 0.001  # initial softplus(dt_bias) log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+
+
+@dataclass
+class MoMConfig:
+    """Mixture-of-Memories (Du et al. 2025): a router sends each token to top_k of n_memories linear memories,
+    plus a shared memory (../shared/MEMORY_FAMILY_SPEC.md; docs/memory_family.md)."""
+
+    n_memories: int = 4  # M (the paper's 340M / 1.3B models; FLA's layer default is 8)
+    top_k: int = 2
+    inner: Literal["gla", "gated_delta"] = "gla"  # OPEN: the memories' update rule
+    shared_memory: bool = True  # OPEN: a memory every token writes and reads, added unweighted
+    n_heads: int = 4
+    d_key: int = 64
+    d_value: int = 64
+    gate_norm: float = 16.0  # inner gla: g = logsigmoid(W_g x) / gate_norm
+    output_gate: bool = True
+    short_conv: bool | None = None  # None: on for inner gated_delta, off for gla (the spec's defaults)
+    d_conv: int = 4
+    aux_loss_weight: float = 0.01  # Switch-style balancing loss M * sum_j f_j P_j (the reference's weight)
+    chunk_size: int = 32  # chunk of the per-memory scans (each memory's tokens are padded to a multiple of it)
+    dt_min: float = 0.001  # inner gated_delta: initial softplus(dt_bias), as model.gated_delta
+    dt_max: float = 0.1
+
+
+@dataclass
+class MemoryCachingConfig:
+    """Memory Caching (Behrouz et al. 2026) over linear-memory mixers: segment states are cached and read back
+    (../shared/MEMORY_FAMILY_SPEC.md; docs/memory_family.md). Off unless `mixers` names a layer kind."""
+
+    mixers: list[str] = field(default_factory=list)  # layer kinds wrapped, from MEMORY_CACHING_MIXERS
+    aggregation: Literal["residual", "grm", "soup", "ssc"] = "grm"  # soup == grm for linear memories
+    segmentation: Literal["constant", "log"] = "constant"  # OPEN
+    segment_size: int = 256  # constant: the segment length; log: the unit of the binary expansion
+    state_mode: Literal["checkpoint", "independent"] = "checkpoint"  # OPEN: segment i+1 starts from S^(i) or 0
+    top_k_segments: int = 2  # ssc: cached segments kept per token (the online memory is always kept)
+    descriptor: Literal["u", "keys"] = "u"  # OPEN: segment descriptor c^(i) = mean of u = W_u x, or of the keys
+    d_gate: int = 32  # width of u per head (grm, soup, ssc)
+
+
 def swiglu_width(d_model: int, multiple_of: int = 64) -> int:
     """LLaMA's SwiGLU width: 8/3 * d_model rounded up to a multiple of `multiple_of`."""
     hidden = int(8 * d_model / 3)
@@ -89,6 +159,10 @@ class ModelConfig:
     fm: FMConfig = field(default_factory=FMConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    gla: GLAConfig = field(default_factory=GLAConfig)
+    gated_delta: GatedDeltaConfig = field(default_factory=GatedDeltaConfig)
+    mom: MoMConfig = field(default_factory=MoMConfig)
+    memory_caching: MemoryCachingConfig = field(default_factory=MemoryCachingConfig)
 
     @property
     def mlp_width(self) -> int:
@@ -355,6 +429,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(
                 f"model.mamba2.head_dim: {mb.head_dim} does not divide expand*d_model={mb.expand * m.d_model}"
             )
+    _validate_memory_family(m)
     _validate_parallel(cfg)
     o = cfg.optim
     if not 0 <= o.min_lr <= o.lr:
@@ -367,6 +442,53 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("data.blend: set data.path (one packed directory) or data.blend (a blend YAML), not both")
     _validate_downstream(cfg)
     return cfg
+
+
+def _validate_memory_family(m: ModelConfig) -> None:
+    """GLA, Gated DeltaNet, MoM and Memory Caching: sizes, top-k and the caching options."""
+    sizes = {
+        "gla": ("n_heads", "d_key", "d_value", "chunk_size", "d_conv"),
+        "gated_delta": ("n_heads", "d_key", "d_value", "chunk_size", "d_conv"),
+        "mom": ("n_memories", "n_heads", "d_key", "d_value", "chunk_size", "d_conv"),
+    }
+    for name, keys in sizes.items():
+        sub = getattr(m, name)
+        for key in keys:
+            if getattr(sub, key) <= 0:
+                raise ConfigError(f"model.{name}.{key}: must be > 0, got {getattr(sub, key)}")
+    if m.gla.gate_low_rank < 0:
+        raise ConfigError(f"model.gla.gate_low_rank: must be >= 0 (0: full rank), got {m.gla.gate_low_rank}")
+    for name in ("gla", "mom"):
+        if getattr(m, name).gate_norm <= 0:
+            raise ConfigError(f"model.{name}.gate_norm: must be > 0, got {getattr(m, name).gate_norm}")
+    if not 1 <= m.mom.top_k <= m.mom.n_memories:
+        raise ConfigError(f"model.mom.top_k: must be in [1, n_memories={m.mom.n_memories}], got {m.mom.top_k}")
+    if m.mom.aux_loss_weight < 0:
+        raise ConfigError(f"model.mom.aux_loss_weight: must be >= 0, got {m.mom.aux_loss_weight}")
+    mc = m.memory_caching
+    for i, kind in enumerate(mc.mixers):
+        if kind not in MEMORY_CACHING_MIXERS:
+            raise ConfigError(
+                f"model.memory_caching.mixers[{i}]: '{kind}' is not a linear-memory mixer Memory Caching can wrap "
+                f"(choose from {list(MEMORY_CACHING_MIXERS)})"
+            )
+    if mc.segment_size <= 0 or mc.d_gate <= 0 or mc.top_k_segments <= 0:
+        raise ConfigError(
+            "model.memory_caching: segment_size, d_gate and top_k_segments must be > 0, got "
+            f"{mc.segment_size}, {mc.d_gate}, {mc.top_k_segments}"
+        )
+    if mc.segmentation == "log" and mc.state_mode == "independent":
+        raise ConfigError(
+            "model.memory_caching.state_mode: logarithmic segmentation is implemented for 'checkpoint' states only"
+        )
+    for kind in mc.mixers:
+        if kind in m.layer_pattern:
+            chunk = {"fm": m.fm.chunk_size, "gla": m.gla.chunk_size, "gated_delta": m.gated_delta.chunk_size}[kind]
+            if mc.segment_size % chunk:
+                raise ConfigError(
+                    f"model.memory_caching.segment_size: {mc.segment_size} is not a multiple of "
+                    f"model.{kind}.chunk_size={chunk} (cached states are the chunked path's boundary states)"
+                )
 
 
 def _validate_downstream(cfg: ExperimentConfig) -> None:
@@ -404,6 +526,10 @@ def _validate_parallel(cfg: ExperimentConfig) -> None:
         n_kv = m.attention.n_kv_heads or m.attention.n_heads
         splits["model.attention.n_heads"] = (m.attention.n_heads, f"{m.attention.n_heads} heads")
         splits["model.attention.n_kv_heads"] = (n_kv, f"{n_kv} kv heads")
+    for name in ("gla", "gated_delta", "mom"):
+        if name in m.layer_pattern:
+            n = getattr(m, name).n_heads
+            splits[f"model.{name}.n_heads"] = (n, f"{n} heads")
     if "mamba2" in m.layer_pattern:
         heads = m.mamba2.expand * m.d_model // m.mamba2.head_dim
         splits["model.mamba2.head_dim"] = (heads, f"expand * d_model / head_dim = {heads} heads")

@@ -117,6 +117,52 @@ def test_the_1b_comparison_differs_only_in_the_mixer():
     assert raw["fm"] == raw["transformer"] == raw["mamba2"]
 
 
+MIXER_SECTIONS = ("layer_pattern", "fm", "attention", "mamba2", "gla", "gated_delta", "mom", "memory_caching")
+
+
+@pytest.mark.parametrize("size", ["125m", "1b"])
+def test_the_memory_family_configs_differ_from_fm_only_in_the_mixer(size):
+    """gla, gdn, mom and fm_mc at each size share everything with fm_<size> but the token mixer's sections (fm_mc:
+    FM's own section too), so their runs compare with FM's in one MLflow experiment."""
+    fm = yaml.safe_load((REPO / "configs" / f"fm_{size}.yaml").read_text())
+    for name in ("gla", "gdn", "mom", "fm_mc"):
+        raw = yaml.safe_load((REPO / "configs" / f"{name}_{size}.yaml").read_text())
+        assert raw["train"].pop("run_dir") == f"runs/{name}_{size}"
+        for r in (raw, fm):
+            for key in MIXER_SECTIONS:
+                r["model"].pop(key, None)
+        fm["train"].pop("run_dir", None)
+        assert raw == fm, name
+    assert (
+        yaml.safe_load((REPO / "configs" / f"fm_mc_{size}.yaml").read_text())["model"]["fm"]
+        == yaml.safe_load((REPO / "configs" / f"fm_{size}.yaml").read_text())["model"]["fm"]
+    )
+
+
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"model": {"mom": {"top_k": 5, "n_memories": 4}}}, "model.mom.top_k"),
+        ({"model": {"mom": {"inner": "lstm"}}}, "model.mom.inner"),
+        ({"model": {"gla": {"d_key": 0}}}, "model.gla.d_key"),
+        ({"model": {"memory_caching": {"mixers": ["attention"]}}}, r"model.memory_caching.mixers\[0\]"),
+        ({"model": {"memory_caching": {"aggregation": "max"}}}, "model.memory_caching.aggregation"),
+        (
+            {"model": {"memory_caching": {"mixers": ["fm"], "segment_size": 100}, "fm": {"chunk_size": 64}}},
+            "model.memory_caching.segment_size",
+        ),
+        ({"model": {"memory_caching": {"segmentation": "log", "state_mode": "independent"}}}, "state_mode"),
+        (
+            {"model": {"layer_pattern": ["mom"], "mom": {"n_heads": 3}}, "parallel": {"tensor_parallel": 2}},
+            "model.mom.n_heads",
+        ),  # fmt: skip
+    ],
+)
+def test_memory_family_options_are_validated(raw, key):
+    with pytest.raises(ConfigError, match=key):
+        from_dict(raw)
+
+
 def test_ds_config_clash_is_an_error(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 3}')

@@ -28,6 +28,26 @@ RESIDUAL_OUT = ("w_o", "o_proj", "out_proj", "w_down")
 
 
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, tp: int = 1) -> nn.Module:
+    if kind in cfg.memory_caching.mixers:  # Memory Caching around a linear-memory mixer (model/memory_caching.py)
+        from .memory_caching import MemoryCaching
+
+        return MemoryCaching(build_base_mixer(kind, cfg, layer_idx, tp), cfg.memory_caching, cfg.d_model, tp)
+    return build_base_mixer(kind, cfg, layer_idx, tp)
+
+
+def build_base_mixer(kind: str, cfg: ModelConfig, layer_idx: int, tp: int = 1) -> nn.Module:
+    if kind == "gla":
+        from .layers.gla import GatedLinearAttention
+
+        return GatedLinearAttention(cfg.d_model, cfg.gla, layer_idx, cfg.norm_eps, tp)
+    if kind == "gated_delta":
+        from .layers.gated_delta import GatedDeltaNet
+
+        return GatedDeltaNet(cfg.d_model, cfg.gated_delta, layer_idx, cfg.norm_eps, tp)
+    if kind == "mom":
+        from .layers.mom import MixtureOfMemories
+
+        return MixtureOfMemories(cfg.d_model, cfg.mom, layer_idx, cfg.norm_eps, tp)
     if kind == "fm":
         from .layers.fm import FactorizationMemory
 

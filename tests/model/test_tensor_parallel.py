@@ -3,7 +3,8 @@
 - tests/helpers/tp_worker.py under torchrun at TP = 2 x DP = 1 (2 ranks) and TP = 2 x DP = 2 (4 ranks): initial weights,
   loss and full gradients (gathered from the shards, averaged over DP by DeepSpeed) of a hybrid FM-dense +
   attention (GQA) + Mamba-2 (2 B/C groups) model with a padded vocabulary, and of a sparse FM model (balancing
-  loss, output gate, tied embeddings), each with and without activation checkpointing, plus generation.
+  loss, output gate, tied embeddings), and of the memory family (GLA, Gated DeltaNet, MoM, FM + Memory Caching),
+  each with and without activation checkpointing, plus generation.
 - fm_pretrain/train.py under torchrun: ZeRO-1/2/3 at TP = 2 follow the TP = 1 losses and grad norms with
   clipping active (ZeRO 1-3 at TP = 1 agree with each other in test_train_distributed.py).
 

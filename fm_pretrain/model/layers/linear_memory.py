@@ -1,0 +1,81 @@
+"""Pieces shared by the linear-memory mixers of the memory family (GLA, Gated DeltaNet, Mixture-of-Memories) and
+by Memory Caching, which wraps any of them (and FM): what a mixer hands its recurrence, and its output stage.
+
+A linear-memory mixer computes, per head, a state S (K x V) written with outer products and read as S^T q. It
+exposes two methods that Memory Caching (`fm_pretrain/model/memory_caching.py`) builds on:
+
+- `memory_inputs(x, doc_ids, cache) -> MemoryInputs`: the recurrence's inputs, head-major;
+- `memory_output(o, x) -> y`: from the reads o (B, H, T, V) to the block's output (B, T, d_model).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fm_kernels.fm.routing import at_least_fp32
+from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
+
+
+class MemoryInputs(NamedTuple):
+    """The recurrence's inputs for this rank's H heads, head-major. B batch, T tokens, K key width, V value width.
+
+    gated rule: S_t = exp(g_t) S_{t-1} + k_t v_t^T; delta rule (beta given): S_t = exp(g_t) (I - beta_t k_t k_t^T)
+    S_{t-1} + beta_t k_t v_t^T; read o_t = S_t^T q_t (q already scaled)."""
+
+    q: torch.Tensor
+    """(B, H, T, K) queries (FM: the read weights phi)."""
+    k: torch.Tensor
+    """(B, H, T, K) keys (FM: the write weights theta)."""
+    v: torch.Tensor
+    """(B, H, T, V) values."""
+    g: torch.Tensor
+    """Log-decays <= 0: (B, H, T, K) per key (GLA, FM) or (B, H, T) per head (Gated DeltaNet, Mamba-2)."""
+    beta: torch.Tensor | None = None
+    """(B, H, T) write strengths of the delta rule; None for the gated rule."""
+    rows: torch.Tensor | None = None
+    """Sparse FM only: (B, H, T, k) the routed rows; q and k are then (B, H, T, k), the weights at those rows."""
+
+
+def identity_at(inputs: MemoryInputs, pad: torch.Tensor | None) -> MemoryInputs:
+    """Inputs with identity steps at pad (B, T) bool (left-padded generation, model/cache.py): no decay (g = 0),
+    no write (k = 0, beta = 0), so the state after a run of pads is the state before it."""
+    if pad is None:
+        return inputs
+    head = pad[:, None, :]  # (B, 1, T)
+    g = inputs.g.masked_fill(head if inputs.g.dim() == 3 else head[..., None], 0.0)
+    beta = None if inputs.beta is None else inputs.beta.masked_fill(head, 0.0)
+    return inputs._replace(k=inputs.k.masked_fill(head[..., None], 0.0), g=g, beta=beta)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dim, in fp32 (fp64 stays fp64), back in x's dtype."""
+    w = at_least_fp32(x)
+    return (w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class HeadOutput(nn.Module):
+    """o (B, H, T, V) -> y (B, T, d_model): per-head RMSNorm in fp32 with a learned weight (H, V), an optional SiLU
+    output gate silu(W_gate x), then o_proj. The norm weight is per head (not shared by the heads as in
+    flash-linear-attention) so that tensor parallelism splits it with its heads."""
+
+    def __init__(self, d_model: int, n_heads: int, d_value: int, output_gate: bool, eps: float, tp: int = 1):
+        super().__init__()
+        self.eps = eps
+        H = n_heads // tp
+        self.norm_weight = split_param(nn.Parameter(torch.ones(H, d_value)), tp)
+        self.g_proj = column_linear(d_model, n_heads * d_value, tp) if output_gate else None
+        self.o_proj = row_linear(n_heads * d_value, d_model, tp)
+
+    def forward(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, H, T, V = o.shape
+        o32 = at_least_fp32(o)
+        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
+        o32 = o32 * self.norm_weight.to(o32.dtype)[None, :, None, :]
+        y = o32.transpose(1, 2).reshape(B, T, H * V).to(x.dtype)
+        if self.g_proj is not None:
+            y = y * F.silu(self.g_proj(x))
+        return self.o_proj(y)

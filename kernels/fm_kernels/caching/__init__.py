@@ -1,0 +1,27 @@
+"""Memory Caching over linear memories (gated or gated-delta rule): the per-token reference (`naive.py`), the parallel
+form on the variable-length chunked scan with cached states taken at its chunk boundaries (`chunk.py`), the
+decoding step with a growing cache (`step.py`), the segmentations (`segments.py`) and the bounded-memory reads of
+cached states (`reads.py`)."""
+
+from .chunk import CachingState, memory_caching
+from .naive import AGGREGATIONS, STATE_MODES, CachingSpec, naive_memory_caching
+from .reads import state_reads, state_reads_reference
+from .segments import SEGMENTATIONS, boundaries, segment_sizes
+from .step import cache_bytes, caching_step, empty_state
+
+__all__ = [
+    "AGGREGATIONS",
+    "SEGMENTATIONS",
+    "STATE_MODES",
+    "CachingSpec",
+    "CachingState",
+    "boundaries",
+    "cache_bytes",
+    "caching_step",
+    "empty_state",
+    "memory_caching",
+    "naive_memory_caching",
+    "segment_sizes",
+    "state_reads",
+    "state_reads_reference",
+]

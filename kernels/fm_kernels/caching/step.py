@@ -1,0 +1,93 @@
+"""One decoding token of Memory Caching: the online memory's step, reads of the token's cached states, and the
+cache growing by one state whenever a segment completes (same rules as `naive.py`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..gated.naive import gated_recurrence_step
+from ..gated_delta.naive import gated_delta_step
+from .chunk import CachingState, compact
+from .naive import CachingSpec, mix_weights
+from .reads import state_reads
+from .segments import boundaries, segment_start, width_for
+
+
+def cache_bytes(state: CachingState) -> int:
+    """Bytes held by a row-batched cache: the online state, the cached states and their descriptor sums."""
+    return sum(t.numel() * t.element_size() for t in (state.state, state.cached, state.csum_at, state.csum))
+
+
+def empty_state(B: int, H: int, K: int, V: int, D: int, dtype: torch.dtype, device) -> CachingState:
+    z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+    return CachingState(state=z(B, H, K, V), cached=z(B, 0, H, K, V), csum_at=z(B, 1, H, D), csum=z(B, H, D),
+                        n=torch.zeros(B, dtype=torch.long, device=device))  # fmt: skip
+
+
+def caching_step(
+    st: CachingState,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    desc: torch.Tensor,
+    spec: CachingSpec,
+    beta: torch.Tensor | None = None,
+    read_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cached_bias: float = 0.0,
+) -> tuple[torch.Tensor, CachingState]:
+    """One token per row: q, k (B, H, K); v (B, H, V); g (B, H, K) or (B, H); beta (B, H) or None; u, desc (B, H, D);
+    read_rows = (q_k, rows) (B, H, k) for sparse FM. Returns y (B, H, V) in q's dtype and the new state (the cached
+    states grow by one slot when a row completes a segment)."""
+    U = spec.segment_size
+    dt = st.state.dtype
+    B, H = q.shape[:2]
+    n = st.n
+    S = st.state
+    if spec.state_mode == "independent":  # a new segment starts from zero
+        S = S * (~((n % U == 0) & (n > 0))).to(dt)[:, None, None, None]
+    if beta is None:
+        o, S = gated_recurrence_step(S, q, k, v, g)
+    else:
+        o, S = gated_delta_step(S, q, k, v, g, beta)
+    csum = st.csum + desc.to(dt)
+    c = n // U
+    js = boundaries(c, spec.segmentation, width_for(int(c.max()), spec.segmentation))  # (B, J)
+    valid = js > 0
+    starts = segment_start(js, spec.segmentation).clamp(min=0)  # (0 where there is no boundary)
+    at = lambda idx: st.csum_at.gather(1, idx[..., None, None].expand(-1, -1, *st.csum_at.shape[2:]))  # noqa: E731
+    desc_j = (at(js) - at(starts)) / ((js - starts).clamp(min=1) * U).to(dt)[..., None, None]  # (B, J, H, D)
+    desc_0 = (csum - at(c[:, None])[:, 0]) / (n - c * U + 1).to(dt)[:, None, None]
+    ut = u.to(dt)
+    z = torch.einsum("bhd,bjhd->bhj", ut, desc_j)
+    z0 = (ut * desc_0).sum(-1)
+    valid_h = valid[:, None, :].expand_as(z)
+    w0, w = mix_weights(z0, z, valid_h, spec, cached_bias)
+    slots = torch.arange(B, device=q.device)[:, None] * st.cached.shape[1] + js - 1
+    index = torch.where(valid, slots, torch.full_like(slots, -1))[:, None, :].expand_as(z)
+    if spec.aggregation == "ssc":  # read only the kept segments
+        w, index = compact(w, index, spec.top_k_segments)
+    table = st.cached.reshape(-1, *st.cached.shape[2:])
+    if table.shape[0] == 0:  # nothing cached yet
+        cached = o.new_zeros(o.shape, dtype=dt)
+    elif read_rows is None:
+        cached = state_reads(q.to(dt), table, w, index)
+    else:
+        cached = state_reads(read_rows[0].to(dt), table, w, index, rows=read_rows[1])
+    y = w0[..., None] * o.to(dt) + cached
+
+    # A completed segment joins the cache: slot j - 1 of boundary j = (n + 1) / U.
+    push = (n + 1) % U == 0
+    cached_states, csum_at = st.cached, st.csum_at
+    if bool(push.any()):
+        j = (n + 1) // U
+        need = int(j[push].max())
+        if need > cached_states.shape[1]:
+            grow = need - cached_states.shape[1]
+            cached_states = torch.cat([cached_states, cached_states.new_zeros(B, grow, *cached_states.shape[2:])], 1)
+            csum_at = torch.cat([csum_at, csum_at.new_zeros(B, grow, *csum_at.shape[2:])], 1)
+        rows = push.nonzero(as_tuple=True)[0]
+        cached_states = cached_states.index_put((rows, j[rows] - 1), S[rows])
+        csum_at = csum_at.index_put((rows, j[rows]), csum[rows])
+    return y.to(q.dtype), CachingState(state=S, cached=cached_states, csum_at=csum_at, csum=csum, n=n + 1)
