@@ -129,20 +129,23 @@ def memory_caching(
     incl = segment_cumsum(d_items, doc_layout)  # desc summed over the token's document up to the token
     doc_start_item = (torch.arange(B * T, device=dev) - n.reshape(-1))[:, None]  # (B T, 1)
 
-    def prefix(p: torch.Tensor) -> torch.Tensor:
-        """Sum of desc over document positions [0, p) (p <= the token's position), p (B T, J) -> (B T, J, H, D)."""
-        item = (doc_start_item + p - 1).clamp(min=0)
+    def prefix(p: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Sum of desc over document positions [0, p) of the documents starting at items start (n, 1);
+        p (n, J) -> (n, J, H, D)."""
+        item = (start + p - 1).clamp(min=0)
         return incl[item] * (p > 0).to(dt)[..., None, None]
 
-    starts = segment_start(js, spec.segmentation)
-    seg_sum = prefix(js * U) - prefix(starts * U)
-    seg_len = ((js - starts) * U).clamp(min=1).to(dt)
-    desc_j = seg_sum / seg_len[..., None, None]
-    unit_start = c.reshape(-1, 1) * U
-    own = incl - prefix(unit_start)[:, 0]  # desc summed over the token's unit so far
-    desc_0 = own / (n.reshape(-1, 1) - unit_start + 1).to(dt)[..., None]
+    # The cached segments' descriptors are the same for every token of a chunk: form them once per chunk.
+    first = _chunk_first_items(layout, B * T)  # (Nc,)
+    js_c = js[first]
+    starts_c = segment_start(js_c, spec.segmentation)
+    seg_sum = prefix(js_c * U, doc_start_item[first]) - prefix(starts_c * U, doc_start_item[first])
+    desc_j = seg_sum / ((js_c - starts_c) * U).clamp(min=1).to(dt)[..., None, None]  # (Nc, J, H, D)
     u_items = _items(u).to(dt)
-    z = torch.einsum("nhd,njhd->nhj", u_items, desc_j)
+    z = from_chunks(torch.einsum("nhcd,njhd->nhcj", to_chunks(u_items, layout), desc_j), layout)  # (B T, H, J)
+    unit_start = c.reshape(-1, 1) * U
+    own = incl - prefix(unit_start, doc_start_item)[:, 0]  # desc summed over the token's unit so far
+    desc_0 = own / (n.reshape(-1, 1) - unit_start + 1).to(dt)[..., None]
     z0 = (u_items * desc_0).sum(-1)
     valid_h = valid[:, None, :].expand_as(z)
     w0, w = mix_weights(z0, z, valid_h, spec, cached_bias)
@@ -172,13 +175,20 @@ def compact(w: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tens
     return w_k, torch.where(w_k > 0, i_k, torch.full_like(i_k, -1))
 
 
+def _chunk_first_items(layout, P: int) -> torch.Tensor:
+    """(Nc,) the item in each chunk's first slot (never padding: chunks start at sequence starts or are full)."""
+    Nc, C = layout.n_chunks, layout.chunk
+    item_of_slot = layout.slot.new_full((Nc * C,), -1).index_copy(
+        0, layout.slot, torch.arange(P, device=layout.slot.device)
+    )
+    return item_of_slot[torch.arange(Nc, device=layout.slot.device) * C]
+
+
 def _chunk_reads(q_chunks, table, index, w_chunks, layout) -> torch.Tensor:
     """All tokens of a chunk share their cached segments (the segment size is a multiple of the chunk and chunks
     start at document starts): q (Nc, H, C, K), table (S, H, K, V), index (B T, J) per token, w (Nc, H, C, J) ->
     sum_j w_j S_j^T q per token, as items (B T, H, V)."""
-    P, Nc, C = index.shape[0], layout.n_chunks, layout.chunk
-    item_of_slot = layout.slot.new_full((Nc * C,), -1).index_copy(0, layout.slot, torch.arange(P, device=index.device))
-    first_slot = item_of_slot[torch.arange(Nc, device=index.device) * C]  # a chunk's first slot is never padding
+    first_slot = _chunk_first_items(layout, index.shape[0])
     idx = index[first_slot]  # (Nc, J): the chunk's segments
     states = table[idx.clamp(min=0)] * (idx >= 0).to(table.dtype)[..., None, None, None]  # (Nc, J, H, K, V)
     reads = torch.einsum("nhck,njhkv->nhcjv", q_chunks, states)
