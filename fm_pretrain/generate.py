@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from fm_pretrain.checkpoint import load_model, resolve_step_dir
 from fm_pretrain.config import ConfigError
 from fm_pretrain.inference import SamplingParams, generate_text
 
@@ -64,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from fm_pretrain.eval.cli import load_tokenizer
+    from fm_pretrain.eval.cli import load_for_eval
 
     prompts = [unescape(p) for p in args.prompt]
     if args.prompt_file is not None:
@@ -74,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-        step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_model(step_dir, args.device)
-        if args.dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        tok = load_tokenizer(cfg, meta, args.tokenizer)
+        step_dir, model, cfg, meta, tok = load_for_eval(args.checkpoint, args.device, args.dtype, args.tokenizer)
     except (FileNotFoundError, ValueError, KeyError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,16 @@ def load_tokenizer(cfg: ExperimentConfig, meta: dict[str, Any], override: Path |
     return tok
 
 
+def load_for_eval(checkpoint: Path, device: str, dtype: str, tokenizer: Path | None):
+    """What every evaluation command starts from (this CLI, long_context, retrieval, generate): (step_dir, the
+    model in eval mode on `device`, bf16 when `dtype` is "bf16", its config, meta.json, the checked tokenizer)."""
+    step_dir = resolve_step_dir(checkpoint)
+    model, cfg, meta = load_model(step_dir, device)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    return step_dir, model, cfg, meta, load_tokenizer(cfg, meta, tokenizer)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fm_pretrain.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -103,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace, shard: Shard, device: str) -> int:
     try:
-        step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_model(step_dir, device)
-        if args.dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        tok = load_tokenizer(cfg, meta, args.tokenizer)
+        step_dir, model, cfg, meta, tok = load_for_eval(args.checkpoint, device, args.dtype, args.tokenizer)
         results = evaluate_model(
             model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, data_dir=args.data_dir,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, acc_norm_unit=args.acc_norm_unit,

@@ -329,20 +329,15 @@ def gather_documents(args: argparse.Namespace, tok, budget: int) -> dict[str, li
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from fm_pretrain.checkpoint import load_model, resolve_step_dir
     from fm_pretrain.config import ConfigError
 
-    from .cli import load_tokenizer
+    from .cli import load_for_eval
     from .report import write_results
     from .run_logging import log_offline_eval
 
     settings = LongContextSettings(args.max_length, args.n_sequences, args.chunk_size)
     try:
-        step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_model(step_dir, args.device)
-        if args.dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        tok = load_tokenizer(cfg, meta, args.tokenizer)
+        step_dir, model, cfg, meta, tok = load_for_eval(args.checkpoint, args.device, args.dtype, args.tokenizer)
         docs = gather_documents(args, tok, settings.max_length * settings.n_sequences)
         results = evaluate_long_context(model, tok, docs, settings, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, KeyError, ConfigError) as e:

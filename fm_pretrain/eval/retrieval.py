@@ -319,19 +319,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from fm_pretrain.checkpoint import load_model, resolve_step_dir
     from fm_pretrain.config import ConfigError
 
-    from .cli import load_tokenizer
+    from .cli import load_for_eval
     from .report import write_results
     from .run_logging import log_offline_eval
 
     try:
-        step_dir = resolve_step_dir(args.checkpoint)
-        model, cfg, meta = load_model(step_dir, args.device)
-        if args.dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        tok = load_tokenizer(cfg, meta, args.tokenizer)
+        step_dir, model, cfg, meta, tok = load_for_eval(args.checkpoint, args.device, args.dtype, args.tokenizer)
         predict = model_predictor(model, tok, args.batch_size, args.prefill_chunk, progress=not args.no_progress)
         results = evaluate_retrieval(
             predict, tok, [t for t in args.tasks.split(",") if t], [int(x) for x in args.lengths.split(",")],
