@@ -28,6 +28,7 @@ from fm_kernels.fm.routing import at_least_fp32, linear_at_rows, route, topk_rou
 from fm_kernels.fm.sparse import dense_from_sparse
 from fm_pretrain.config import FMConfig
 from fm_pretrain.model.cache import advance, pad_positions
+from fm_pretrain.model.layers.norm import head_readout
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param, tp_mean
 from fm_pretrain.parallel.sharding import local_size
 
@@ -190,14 +191,7 @@ class FactorizationMemory(nn.Module):
 
     def _output(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """r (B, H, T, d_mem) -> y (B, T, d_model): per-head RMSNorm, optional SiLU gate, W_o."""
-        B, H, T, d = r.shape
-        r32 = at_least_fp32(r)
-        r32 = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        r32 = r32 * self.read_norm_weight.to(r32.dtype)[None, :, None, :]
-        y = r32.transpose(1, 2).reshape(B, T, H * d).to(x.dtype)
-        if self.w_gate is not None:
-            y = y * F.silu(self.w_gate(x))
-        return self.w_o(y)
+        return head_readout(r, x, self.read_norm_weight, self.norm_eps, self.w_gate, self.w_o)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None):
         """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model). With a cache dict: a prefill (T > 1, or no

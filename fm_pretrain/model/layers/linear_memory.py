@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fm_kernels.fm.routing import at_least_fp32
+from fm_pretrain.model.layers.norm import head_readout
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
 
 
@@ -71,11 +71,4 @@ class HeadOutput(nn.Module):
         self.o_proj = row_linear(n_heads * d_value, d_model, tp)
 
     def forward(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, H, T, V = o.shape
-        o32 = at_least_fp32(o)
-        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
-        o32 = o32 * self.norm_weight.to(o32.dtype)[None, :, None, :]
-        y = o32.transpose(1, 2).reshape(B, T, H * V).to(x.dtype)
-        if self.g_proj is not None:
-            y = y * F.silu(self.g_proj(x))
-        return self.o_proj(y)
+        return head_readout(o, x, self.norm_weight, self.eps, self.g_proj, self.o_proj)
