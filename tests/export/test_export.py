@@ -9,6 +9,7 @@ cannot import fm_pretrain or fm_kernels, with HF_HUB_OFFLINE=1.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def test_auto_classes_resolve_to_this_package_without_remote_code(mixer_run, tmp
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
+NUMERICS_ENV = ("OMP_", "MKL_", "KMP_", "ATEN_CPU_CAPABILITY", "DNNL_", "ONEDNN_", "TORCH_")
 FRESH = r"""
 import importlib.util, json, sys
 sys.path.append(sys.argv[1])  # site-packages, without running its .pth files: no editable fm_pretrain install
@@ -118,6 +120,7 @@ assert importlib.util.find_spec("fm_pretrain") is None and importlib.util.find_s
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 export, io = sys.argv[2], json.loads(open(sys.argv[3]).read())
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: the same split of each sum, so the same bits
 tok = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
 enc = tok(io["texts"], return_tensors="pt", padding=True)
@@ -140,11 +143,15 @@ def test_export_loads_in_a_fresh_process_without_fm_pretrain(mixer_run, tmp_path
     texts = ["Question: Which gas do plants absorb?\nAnswer:", "質問：日本の首都はどこですか？\n回答："]
     io = {"texts": texts, "ids": ids.tolist(), "out": str(tmp_path / "out.pt")}
     (tmp_path / "io.json").write_text(json.dumps(io))
+    # The comparison is exact up to 1e-5, so the child must do the same arithmetic as this process: same thread
+    # count and the same CPU-dispatch settings. Otherwise a last-bit difference can flip a near-tie in the sparse
+    # router's top-k and move later logits by 1e-4 (seen in CI on another machine).
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "HOME": str(tmp_path)}  # fmt: skip
+           "HOME": str(tmp_path)} | {k: v for k, v in os.environ.items() if k.startswith(NUMERICS_ENV)}  # fmt: skip
     site = sysconfig.get_paths()["purelib"]
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", FRESH, site, str(export_dir), str(tmp_path / "io.json")],
+        [sys.executable, "-I", "-S", "-c", FRESH, site, str(export_dir), str(tmp_path / "io.json"),
+         str(torch.get_num_threads())],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
