@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 MIXERS = ("fm", "attention", "mamba2", "gla", "gated_delta", "mom")
 # Mixers whose state is a linear memory read as S^T q: Memory Caching (model.memory_caching) can wrap them.
-MEMORY_CACHING_MIXERS = ("fm", "gla", "gated_delta")
+MEMORY_CACHING_MIXERS = ("fm", "gla", "gated_delta", "mamba2")
 
 
 @dataclass
@@ -232,7 +232,7 @@ class TrackingConfig:
     size: str = ""  # free-text size tag, e.g. "125m", "1b"
     system_metrics: bool = True  # MLflow's CPU/memory/disk/network (GPU with pynvml) sampler, `system/*` metrics
     system_metrics_interval_s: float = 10.0
-    router_stats: bool = True  # FM routing entropy, dead rows and load per layer (router/layer<i>/*), heatmaps
+    router_stats: bool = True  # FM/MoM routing entropy, dead rows and load per layer (router/layer<i>/*), heatmaps
 
 
 @dataclass
@@ -483,7 +483,7 @@ def _validate_memory_family(m: ModelConfig) -> None:
         )
     for kind in mc.mixers:
         if kind in m.layer_pattern:
-            chunk = {"fm": m.fm.chunk_size, "gla": m.gla.chunk_size, "gated_delta": m.gated_delta.chunk_size}[kind]
+            chunk = getattr(m, kind).chunk_size
             if mc.segment_size % chunk:
                 raise ConfigError(
                     f"model.memory_caching.segment_size: {mc.segment_size} is not a multiple of "

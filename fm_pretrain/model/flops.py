@@ -41,6 +41,9 @@ def caching_flops_forward(cfg, kind: str, seq_len: int) -> float:
     if kind == "fm":
         f = cfg.fm
         heads, k_read, v, k_full = f.n_heads, f.top_k or f.n_memories, f.d_mem, f.n_memories
+    elif kind == "mamba2":
+        mb = cfg.mamba2
+        heads, k_read, v, k_full = mb.expand * cfg.d_model // mb.head_dim, mb.d_state, mb.head_dim, mb.d_state
     else:
         sub = getattr(cfg, kind)
         heads, k_read, v, k_full = sub.n_heads, sub.d_key, sub.d_value, sub.d_key

@@ -1,5 +1,6 @@
 """Memory Caching (Behrouz, Li, Deng, Zhong, Razaviyayn, Mirrokni 2026) around a linear-memory mixer: FM (dense or
-sparse), GLA or Gated DeltaNet (`model.memory_caching`; ../shared/MEMORY_FAMILY_SPEC.md, docs/memory_family.md).
+sparse), GLA, Gated DeltaNet or Mamba-2 (`model.memory_caching`; ../shared/MEMORY_FAMILY_SPEC.md,
+docs/memory_family.md).
 
 The sequence is cut into segments (constant size U, or logarithmic: the binary expansion of the position in units
 of U, largest first), counted from each document's start. Inside a segment the mixer's own memory runs as usual
@@ -8,14 +9,14 @@ cached states: residual (sum), GRM (softmax gates over <u_t, c^(i)>, u_t = W_u x
 (or of the keys) over segment i, the online segment's mean so far), soup (= GRM for a linear memory) or SSC (the
 top_k_segments cached segments by score plus the online one). `checkpoint` states continue from segment to
 segment (a cached state summarises the whole prefix), `independent` ones restart at zero. The combined read
-replaces the mixer's read before its output stage (norm, gate, W_o).
+replaces the mixer's read before its output stage (norm, gate, W_o; Mamba-2: the D skip, gated norm, out_proj).
 
 Implementation (fm_kernels.caching): the online memory is the variable-length chunked scan over documents (so the
 cached states are its own chunk-boundary states, U being a multiple of the chunk size) on every device, in
 PyTorch; a sparse FM layer's dense scan uses its zero-filled weights, but its reads of cached states gather only
 the token's k rows.
 
-Generation cache: the base mixer's keys (its conv window for GLA / Gated DeltaNet) plus "mc", a
+Generation cache: the base mixer's keys (its conv window for GLA / Gated DeltaNet / Mamba-2) plus "mc", a
 `fm_kernels.caching.CachingState`: the online state, the cached states (B, N, H, K, V) growing by one per completed
 segment, their descriptor sums, and each row's position; `cache_bytes(cache["mc"])` reports its size. The first
 call with a cache runs the parallel path; later calls (decoding, or a prefill continued in pieces) run the
@@ -55,7 +56,7 @@ class MemoryCaching(nn.Module):
         if self.is_fm:
             self.key_width, self.chunk_size, n_heads = base.n_memories, base.cfg.chunk_size, base.cfg.n_heads
         else:
-            self.key_width, self.chunk_size, n_heads = base.d_key, base.cfg.chunk_size, base.cfg.n_heads
+            self.key_width, self.chunk_size, n_heads = base.d_key, base.cfg.chunk_size, base.n_heads * tp
         self.width = self.key_width if cfg.descriptor == "keys" else cfg.d_gate
         self.w_u = column_linear(d_model, n_heads * self.width, tp) if cfg.aggregation != "residual" else None
         self.tp = tp
@@ -104,8 +105,8 @@ class MemoryCaching(nn.Module):
         inputs = identity_at(inputs, pad_positions(cache, x.shape[1], x.device))
         return _Inputs(inputs, None if g.rows is None else (g.phi, g.rows))
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.base._output(o, x) if self.is_fm else self.base.memory_output(o, x)
+    def _output(self, o: torch.Tensor, x: torch.Tensor, context) -> torch.Tensor:
+        return self.base._output(o, x) if self.is_fm else self.base.memory_output(o, x, context)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model); see the module docstring for the cache."""
@@ -133,7 +134,7 @@ class MemoryCaching(nn.Module):
                     st = _where_rows(pad[:, -1], _empty_like(st), st)
                 cache["mc"] = st
         advance(cache, T)
-        return self._output(o.to(x.dtype), x)
+        return self._output(o.to(x.dtype), x, inp.context)
 
     def _steps(self, inp: MemoryInputs, u, desc, read_rows, cache: dict, pad) -> torch.Tensor:
         """Tokens one at a time from the cached CachingState (decoding, or a prefill continued in pieces)."""

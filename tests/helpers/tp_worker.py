@@ -46,18 +46,20 @@ FM_SPARSE = {
 }  # fmt: skip
 # The memory family (docs/memory_family.md): GLA (short convs, low-rank gate), Gated DeltaNet, MoM (gated-delta
 # inner rule with its per-memory convs, shared memory, balancing loss; replicated router) and sparse FM with
-# Memory Caching (SSC) and GLA with Memory Caching (GRM, log segments).
+# Memory Caching (SSC), GLA and Mamba-2 with Memory Caching.
 MEMORY_FAMILY = {
     "vocab_size": 64,
     "d_model": 32,
-    "n_layers": 4,
-    "layer_pattern": ["gla", "gated_delta", "mom", "fm"],
+    "n_layers": 5,
+    "layer_pattern": ["gla", "gated_delta", "mom", "fm", "mamba2"],
     "fm": {"n_heads": 2, "n_memories": 8, "d_mem": 8, "top_k": 3, "chunk_size": 4},
     "gla": {"n_heads": 2, "d_key": 8, "d_value": 8, "chunk_size": 4, "short_conv": True},
     "gated_delta": {"n_heads": 2, "d_key": 8, "d_value": 8, "chunk_size": 4},
     "mom": {"n_memories": 4, "top_k": 2, "inner": "gated_delta", "n_heads": 2, "d_key": 8, "d_value": 8,
             "chunk_size": 4},
-    "memory_caching": {"mixers": ["fm", "gla"], "aggregation": "ssc", "segment_size": 4, "top_k_segments": 1},
+    "mamba2": {"d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 4},
+    "memory_caching": {"mixers": ["fm", "gla", "mamba2"], "aggregation": "ssc", "segment_size": 4,
+                       "top_k_segments": 1},
 }  # fmt: skip
 CASES = {"hybrid_dense": HYBRID, "fm_sparse": FM_SPARSE, "memory_family": MEMORY_FAMILY}
 

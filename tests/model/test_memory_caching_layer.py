@@ -1,15 +1,17 @@
-"""Memory Caching around FM (dense and sparse), GLA and Gated DeltaNet layers: the wrapped layer equals the per-token
-reference on the base mixer's own inputs (values and gradients), cached decoding reproduces the parallel forward with
-the cache growing, documents are isolated, left padding is an identity, and with one segment it is the base mixer."""
+"""Memory Caching around FM (dense and sparse), GLA, Gated DeltaNet and Mamba-2 layers: the wrapped layer equals the
+per-token reference on the base mixer's own inputs (values and gradients), cached decoding reproduces the parallel
+forward with the cache growing, documents are isolated, left padding is an identity, and with one segment it is the
+base mixer."""
 
 import pytest
 import torch
 
 from fm_kernels.caching import cache_bytes, naive_memory_caching
-from fm_pretrain.config import FMConfig, GatedDeltaConfig, GLAConfig, MemoryCachingConfig
+from fm_pretrain.config import FMConfig, GatedDeltaConfig, GLAConfig, Mamba2Config, MemoryCachingConfig
 from fm_pretrain.model.layers.fm import FactorizationMemory
 from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
 from fm_pretrain.model.layers.gla import GatedLinearAttention
+from fm_pretrain.model.layers.mamba2 import Mamba2
 from fm_pretrain.model.memory_caching import MemoryCaching
 from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation
 
@@ -21,6 +23,7 @@ BASES = {
     ),  # fmt: skip
     "gla": lambda: GatedLinearAttention(D, GLAConfig(n_heads=2, d_key=4, d_value=3, chunk_size=2, short_conv=True)),
     "gated_delta": lambda: GatedDeltaNet(D, GatedDeltaConfig(n_heads=2, d_key=4, d_value=3, chunk_size=2)),
+    "mamba2": lambda: Mamba2(D, Mamba2Config(d_state=4, head_dim=8, n_groups=2, expand=1, chunk_size=2), 0, 1e-5),
 }
 CACHING = {
     "grm": dict(aggregation="grm"),
@@ -29,7 +32,8 @@ CACHING = {
     "soup_log": dict(aggregation="soup", segmentation="log"),
 }
 COMBOS = [("fm_dense", "grm"), ("fm_sparse", "ssc_keys"), ("fm_sparse", "grm"), ("gla", "residual_independent"),
-          ("gla", "soup_log"), ("gated_delta", "grm"), ("gated_delta", "ssc_keys")]  # fmt: skip
+          ("gla", "soup_log"), ("gated_delta", "grm"), ("gated_delta", "ssc_keys"), ("mamba2", "grm"),
+          ("mamba2", "ssc_keys"), ("mamba2", "soup_log")]  # fmt: skip
 
 
 def make(base: str, caching: str, segment_size: int = 4) -> MemoryCaching:
@@ -53,7 +57,7 @@ def reference(layer: MemoryCaching, x: torch.Tensor, doc: torch.Tensor | None) -
     u = layer.w_u(x).view(B, T, H, -1).transpose(1, 2) if layer.w_u is not None else x.new_zeros(B, H, T, layer.width)
     desc = inp.k if layer.cfg.descriptor == "keys" else u
     o = naive_memory_caching(inp.q, inp.k, inp.v, inp.g, u, desc, layer.spec, inp.beta, doc)
-    return layer._output(o, x)
+    return layer._output(o, x, inp.context)
 
 
 @pytest.mark.parametrize("base,caching", COMBOS)
@@ -95,7 +99,7 @@ def test_cached_decoding_grows_the_cache_and_documents_are_isolated(base, cachin
     assert cache_bytes(cache["mc"]) > 0
 
 
-@pytest.mark.parametrize("base,caching", [("fm_sparse", "grm"), ("gated_delta", "ssc_keys")])
+@pytest.mark.parametrize("base,caching", [("fm_sparse", "grm"), ("gated_delta", "ssc_keys"), ("mamba2", "grm")])
 def test_left_padding_is_an_identity(base, caching):
     layer = make(base, caching).eval()
     x = torch.randn(2, 12, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

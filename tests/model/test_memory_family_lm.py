@@ -1,5 +1,5 @@
-"""The memory family inside the decoder LM (GLA, Gated DeltaNet, Mixture-of-Memories, FM + Memory Caching, and a
-hybrid of them all): document isolation at the logits, cached decoding and generation, the balancing loss, FLOPs."""
+"""The memory family inside the decoder LM (GLA, Gated DeltaNet, Mixture-of-Memories, FM and Mamba-2 + Memory Caching,
+a hybrid of them all): document isolation at the logits, cached decoding and generation, the balancing loss, FLOPs."""
 
 import math
 
@@ -19,6 +19,7 @@ MODELS = {
         mom=dict(n_memories=4, top_k=2, inner="gated_delta", n_heads=2, d_key=8, d_value=8, chunk_size=4),
     ),  # fmt: skip
     "fm_mc": dict(layer_pattern=["fm"], memory_caching=dict(mixers=["fm"], aggregation="ssc", segment_size=4)),
+    "mamba2_mc": dict(layer_pattern=["mamba2"], memory_caching=dict(mixers=["mamba2"], segment_size=4)),
     "hybrid": dict(
         layer_pattern=["gla", "gated_delta", "mom", "fm"],
         memory_caching=dict(mixers=["fm", "gla"], aggregation="grm", segment_size=4),
@@ -35,6 +36,7 @@ def tiny_lm(name: str) -> DecoderLM:
         "gla": {"n_heads": 2, "d_key": 8, "d_value": 8, "chunk_size": 4},
         "gated_delta": {"n_heads": 2, "d_key": 8, "d_value": 8, "chunk_size": 4},
         "mom": {"n_memories": 4, "top_k": 2, "n_heads": 2, "d_key": 8, "d_value": 8, "chunk_size": 4},
+        "mamba2": {"d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 4},
         **MODELS[name],
     }
     torch.manual_seed(0)

@@ -94,7 +94,7 @@ class GatedDeltaNet(nn.Module):
         )  # fmt: skip
         return identity_at(inputs, pad)
 
-    def memory_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def memory_output(self, o: torch.Tensor, x: torch.Tensor, context=None) -> torch.Tensor:
         """o (B, H, T, V) -> y (B, T, d_model)."""
         return self.out(o, x)
 

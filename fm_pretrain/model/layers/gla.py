@@ -77,7 +77,7 @@ class GatedLinearAttention(nn.Module):
         inputs = MemoryInputs(q=heads(q, K) * K**-0.5, k=heads(k, K), v=heads(v, V), g=heads(g, K))
         return identity_at(inputs, pad)
 
-    def memory_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def memory_output(self, o: torch.Tensor, x: torch.Tensor, context=None) -> torch.Tensor:
         """o (B, H, T, V) -> y (B, T, d_model)."""
         return self.out(o, x)
 

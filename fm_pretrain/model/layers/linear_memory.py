@@ -5,7 +5,8 @@ A linear-memory mixer computes, per head, a state S (K x V) written with outer p
 exposes two methods that Memory Caching (`fm_pretrain/model/memory_caching.py`) builds on:
 
 - `memory_inputs(x, doc_ids, cache) -> MemoryInputs`: the recurrence's inputs, head-major;
-- `memory_output(o, x) -> y`: from the reads o (B, H, T, V) to the block's output (B, T, d_model).
+- `memory_output(o, x, context) -> y`: from the reads o (B, H, T, V) to the block's output (B, T, d_model);
+  `context` is `MemoryInputs.context` (None but for Mamba-2).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class MemoryInputs(NamedTuple):
     """(B, H, T) write strengths of the delta rule; None for the gated rule."""
     rows: torch.Tensor | None = None
     """Sparse FM only: (B, H, T, k) the routed rows; q and k are then (B, H, T, k), the weights at those rows."""
+    context: tuple | None = None
+    """What the mixer's `memory_output` needs besides the reads (Mamba-2: its gate z and input x, for the D skip)."""
 
 
 def identity_at(inputs: MemoryInputs, pad: torch.Tensor | None) -> MemoryInputs:

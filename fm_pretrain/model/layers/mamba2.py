@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_kernels.gated import resolve_backend, state_dtype
-from fm_kernels.ssd import ssd_chunked, ssd_step
+from fm_kernels.ssd import add_skip, ssd_chunked, ssd_inputs, ssd_step
 from fm_pretrain.config import Mamba2Config
 from fm_pretrain.model.cache import advance, pad_positions
+from fm_pretrain.model.layers.linear_memory import MemoryInputs
 from fm_pretrain.model.layers.rope import positions_from_doc_ids
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
 from fm_pretrain.parallel.sharding import local_size
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) over groups of `group_size` channels, in fp32.
+    """RMSNorm(y * silu(z)) over groups of `group_size` channels, in fp32 (fp64 for fp64).
 
     Gate before the norm, as Mamba-2 does by default (norm_before_gate=False); one group per B/C group.
     """
@@ -43,10 +44,11 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        u = y.float() * F.silu(z.float())
+        work = torch.promote_types(y.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        u = y.to(work) * F.silu(z.to(work))
         u = u.unflatten(-1, (-1, self.group_size))
         u = (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return (u * self.weight.float()).to(y.dtype)
+        return (u * self.weight.to(work)).to(y.dtype)
 
 
 class Mamba2(nn.Module):
@@ -62,6 +64,7 @@ class Mamba2(nn.Module):
         n_heads = d_inner // cfg.head_dim
         if n_heads % cfg.n_groups:
             raise ValueError(f"n_groups={cfg.n_groups} must divide n_heads={n_heads}")
+        self.cfg = cfg
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
         # Sizes below are this rank's (all of them at tp == 1).
@@ -69,6 +72,7 @@ class Mamba2(nn.Module):
         self.n_groups = local_size(cfg.n_groups, tp, "model.mamba2.n_groups")
         self.d_inner = self.n_heads * cfg.head_dim
         self.d_state = cfg.d_state
+        self.d_key = cfg.d_state  # the key width of SSD seen as a linear memory (Memory Caching)
         self.d_conv = cfg.d_conv
         self.chunk_size = cfg.chunk_size
         self.backend: str | None = None  # SSD kernels: Triton on CUDA, PyTorch on CPU (FM_PRETRAIN_KERNELS forces)
@@ -123,11 +127,9 @@ class Mamba2(nn.Module):
             out = out + src * weight[:, w - 1 - s]
         return out
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-        """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model); with a cache dict (generation), doc_ids is None
-        and T = 1 takes the O(1) decoding step, T > 1 the chunked path continuing the cached state."""
-        if cache is not None and doc_ids is not None:
-            raise ValueError("generation with a cache handles one document per row: pass doc_ids=None")
+    def _project(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None):
+        """x (B, T, d_model) -> z (B, T, d_inner), xs (B, T, H, P), dt (B, T, H) and A (H,) in fp32 (fp64 for
+        fp64), B, C (B, T, G, N). Continues the conv window in the cache; pad positions are identity steps."""
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
@@ -136,19 +138,41 @@ class Mamba2(nn.Module):
             xBC = xBC.masked_fill(pad[..., None], 0.0)
         xBC = F.silu(self._conv(xBC, doc_ids, cache))
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-        xs, Bm, Cm = xs.view(Bsz, T, H, P), Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
         # Discretisation parameters in fp32 whatever the compute dtype (as the reference kernels do).
         work = state_dtype(x)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
         if pad is not None:
             dt = dt.masked_fill(pad[..., None], 0.0)
         A = -torch.exp(self.A_log.to(work))
+        return z, xs.view(Bsz, T, H, P), dt, A, Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
+
+    def memory_inputs(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None) -> MemoryInputs:
+        """SSD as a linear memory (Memory Caching): q = C, k = dt B (B, H, T, N), v = x (B, H, T, P), one
+        log-decay per head g = dt A (B, H, T); `context` = (z, x) for the output stage (gate and D skip)."""
+        z, xs, dt, A, Bm, Cm = self._project(x, doc_ids, cache)
+        q, k, v, g = ssd_inputs(xs, dt, A, Bm, Cm)
+        return MemoryInputs(q=q, k=k, v=v, g=g, context=(z, xs))
+
+    def memory_output(self, o: torch.Tensor, x: torch.Tensor, context=None) -> torch.Tensor:
+        """Reads o (B, H, T, P) -> y (B, T, d_model): the D skip, the gated RMSNorm, out_proj."""
+        z, xs = context
+        Bsz, T = x.shape[:2]
+        y = add_skip(o.transpose(1, 2), xs, self.D)
+        return self.out_proj(self.norm(y.reshape(Bsz, T, self.d_inner), z))
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model); with a cache dict (generation), doc_ids is None
+        and T = 1 takes the O(1) decoding step, T > 1 the chunked path continuing the cached state."""
+        if cache is not None and doc_ids is not None:
+            raise ValueError("generation with a cache handles one document per row: pass doc_ids=None")
+        Bsz, T, _ = x.shape
+        z, xs, dt, A, Bm, Cm = self._project(x, doc_ids, cache)
         advance(cache, T)
 
         if cache is not None and T == 1:  # one decoding step: O(1) state update
             state = cache.get("ssm")
             if state is None:
-                state = x.new_zeros(Bsz, H, N, P, dtype=work)
+                state = x.new_zeros(Bsz, self.n_heads, self.d_state, self.head_dim, dtype=dt.dtype)
             y, cache["ssm"] = ssd_step(state, xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D)
             y = y[:, None]
         else:

@@ -19,7 +19,19 @@ def expand_groups(u: torch.Tensor, n_heads: int) -> torch.Tensor:
     return u if G == n_heads else u.repeat_interleave(n_heads // G, dim=2)
 
 
-def _add_skip(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+def ssd_inputs(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SSD as the gated recurrence, head-major: x (b, T, H, P), dt (b, T, H), A (H,), B, C (b, T, G, N) ->
+    q = C (b, H, T, N), k = dt B (b, H, T, N), v = x (b, H, T, P), g = dt A (b, H, T) (one log-decay per head)."""
+    H = x.shape[2]
+    q = expand_groups(C, H).transpose(1, 2)
+    k = (dt[..., None] * expand_groups(B, H)).transpose(1, 2)
+    g = (dt * A).transpose(1, 2)  # A < 0 and dt > 0, so every log-decay is <= 0
+    return q, k, x.transpose(1, 2), g
+
+
+def add_skip(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
     """y = o + D x, summed in fp32 (fp64 for fp64) and returned in x's dtype; D (H,) over (..., H, P)."""
     if D is not None:
         work = torch.promote_types(o.dtype, torch.float32)
@@ -43,15 +55,12 @@ def ssd_chunked(
     """Same contract as naive.ssd_naive: x (b, T, H, P); dt (b, T, H); A (H,); B, C (b, T, G, N); D (H,);
     initial_state (b, H, N, P), applied to the first document. Returns (y in x's dtype, final state).
     backend: `torch`, `triton` (scalar-decay Triton kernels) or `auto` (see fm_kernels.gated.dispatch)."""
-    H = x.shape[2]
-    q = expand_groups(C, H).transpose(1, 2)
-    k = (dt[..., None] * expand_groups(B, H)).transpose(1, 2)
-    g = (dt * A).transpose(1, 2)  # (b, H, T): A < 0 and dt > 0, so every log-decay is <= 0
+    q, k, v, g = ssd_inputs(x, dt, A, B, C)
     o, final = gated_recurrence(
-        q=q, k=k, v=x.transpose(1, 2), g=g, doc_ids=doc_ids, initial_state=initial_state,
+        q=q, k=k, v=v, g=g, doc_ids=doc_ids, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size, backend=backend,
     )  # fmt: skip
-    return _add_skip(o.transpose(1, 2), x, D), final
+    return add_skip(o.transpose(1, 2), x, D), final
 
 
 def ssd_step(
@@ -69,4 +78,4 @@ def ssd_step(
     q = expand_groups(C[:, None], H)[:, 0]
     k = dt[..., None] * expand_groups(B[:, None], H)[:, 0]
     o, state = gated_recurrence_step(state=state, q=q, k=k, v=x, g=dt * A)
-    return _add_skip(o, x, D), state
+    return add_skip(o, x, D), state
