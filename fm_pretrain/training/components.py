@@ -162,36 +162,47 @@ class DownstreamEval:
 
 
 class RouterMonitor:
-    """Router statistics of the FM layers (model/router_stats.py): every training forward adds its routing into
-    device-side sums; at each log line they are summed over the data-parallel group and logged as
-    `router/layer<i>/{entropy,dead_rows,max_load,mean_load}` (this TP rank's heads: TP rank 0's on the log), and
-    at each validation a usage heatmap (layer x row) goes to the run as `router/usage_step_<N>.png`."""
+    """Router statistics of the routed layers (model/router_stats.py): FM layers (H heads of m rows) and
+    Mixture-of-Memories layers (one router over M memories: H = 1, m = M), wrapped in Memory Caching or not. Every
+    training forward adds its routing into device-side sums; at each log line they are summed over the
+    data-parallel group and logged as `router/layer<i>/{entropy,dead_rows,max_load,mean_load}` (this TP rank's
+    heads: TP rank 0's on the log), and at each validation a usage heatmap (layer x row) per kind goes to the run
+    as `router/usage_step_<N>.png` (FM) and `router/mom_usage_step_<N>.png` (MoM)."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool, device: torch.device, dp_group=None):
         from fm_pretrain.model.router_stats import RouterStatsAccumulator
 
-        fm_layers = [(i, b.mixer) for i, b in enumerate(model.blocks) if b.kind == "fm"] if enabled else []
-        self.acc, self.group = None, dp_group
-        if fm_layers:
-            first = fm_layers[0][1]
-            self.acc = RouterStatsAccumulator([i for i, _ in fm_layers], first.n_heads, first.n_memories, device)
-            for _, mixer in fm_layers:
-                mixer.router_stats = self.acc
+        groups: dict[str, list[tuple[int, torch.nn.Module]]] = {}
+        for i, block in enumerate(model.blocks if enabled else []):
+            if block.kind in ("fm", "mom"):
+                groups.setdefault(block.kind, []).append((i, block.mixer))
+        self.accs: dict[str, RouterStatsAccumulator] = {}  # one per kind: every layer of a kind has the same shape
+        for kind, layers in groups.items():
+            first = layers[0][1]
+            heads = first.n_heads if kind == "fm" else 1
+            acc = RouterStatsAccumulator([i for i, _ in layers], heads, first.n_memories, device)
+            for _, mixer in layers:
+                mixer.router_stats = acc
+            self.accs[kind] = acc
+        self.group = dp_group
         self._have_window = False
 
     def metrics(self) -> dict[str, float]:
-        """The window's statistics (a collective over the data-parallel group: every rank calls it)."""
-        if self.acc is None:
-            return {}
-        self._have_window = True
-        return self.acc.compute(all_reduce=True, process_group=self.group)
+        """The window's statistics (collectives over the data-parallel group: every rank calls it)."""
+        out: dict[str, float] = {}
+        for kind in sorted(self.accs):  # the same order on every rank
+            out.update(self.accs[kind].compute(all_reduce=True, process_group=self.group))
+        self._have_window = bool(self.accs)
+        return out
 
     def log_heatmap(self, tracker, step: int) -> None:
-        if self.acc is None or not self._have_window or tracker.run_id is None:
+        if not self._have_window or tracker.run_id is None:
             return
         from fm_pretrain.model.router_stats import plot_usage_heatmap
 
-        with tempfile.TemporaryDirectory() as tmp:
-            out = plot_usage_heatmap(self.acc.usage(), f"{tmp}/usage_step_{step}.png", self.acc.layers,
-                                     title=f"router usage, step {step}")  # fmt: skip
-            tracker.log_artifact(out, "router")
+        for kind, acc in sorted(self.accs.items()):
+            prefix, what = ("", "router") if kind == "fm" else (f"{kind}_", "MoM router")
+            with tempfile.TemporaryDirectory() as tmp:
+                out = plot_usage_heatmap(acc.usage(), f"{tmp}/{prefix}usage_step_{step}.png", acc.layers,
+                                         title=f"{what} usage, step {step}")  # fmt: skip
+                tracker.log_artifact(out, "router")

@@ -113,8 +113,9 @@ class Trainer:
             "train/tokens": self.state.consumed * self.cfg.data.seq_len,
             "train/skipped_steps": skipped,
         }
-        if "fm" in self.cfg.model.layer_pattern and self.cfg.model.fm.aux_loss_weight > 0:
-            metrics["train/aux_loss"] = aux  # the balancing loss, already weighted; not part of train/loss
+        m = self.cfg.model
+        if any(kind in m.layer_pattern and getattr(m, kind).aux_loss_weight > 0 for kind in ("fm", "mom")):
+            metrics["train/aux_loss"] = aux  # FM's and MoM's balancing losses, weighted; not part of train/loss
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

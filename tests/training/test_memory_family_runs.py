@@ -2,10 +2,12 @@
 
 - each tiny config (configs/{gla,gdn,mom,fm_mc}_tiny.yaml) trains in the demo's way and its loss falls (mom and
   fm_mc under ZeRO-3);
-- one hybrid of every new mixer (GLA, Gated DeltaNet, MoM, FM + Memory Caching) at tensor_parallel = 2 trains,
+- one hybrid of every new mixer (GLA, Gated DeltaNet, MoM, FM + Memory Caching, Mamba-2 + Memory Caching) at
+  tensor_parallel = 2 trains,
   checkpoints, and a resumed run continues with bit-identical losses.
 """
 
+import math
 import shutil
 from pathlib import Path
 
@@ -44,11 +46,19 @@ def test_tiny_config_trains_and_its_loss_falls(packed, tmp_path, name):
     assert last < first - 0.5, f"{name}: loss {first:.3f} -> {last:.3f}"
     val = series(rows, "val/loss")
     assert val[16] < val[8]
+    if name == "mom":  # its balancing loss and router statistics are logged as FM's are
+        aux = series(rows, "train/aux_loss")
+        assert sorted(aux) == list(range(1, 17)) and all(0 < a < 1 for a in aux.values())
+        for layer in (0, 1):
+            entropy = series(rows, f"router/layer{layer}/entropy")
+            assert sorted(entropy) == list(range(1, 17))
+            assert all(0 < e <= math.log(2) + 1e-6 for e in entropy.values())  # top-2: at most log 2 nats
+            assert all(0 <= d <= 3 for d in series(rows, f"router/layer{layer}/dead_rows").values())
 
 
 HYBRID = [
-    "model.n_layers=4",
-    "model.layer_pattern=[gla, gated_delta, mom, fm]",
+    "model.n_layers=5",
+    "model.layer_pattern=[gla, gated_delta, mom, fm, mamba2]",
     "model.gla.n_heads=2",
     "model.gla.d_key=16",
     "model.gla.d_value=16",
@@ -62,7 +72,11 @@ HYBRID = [
     "model.mom.d_value=16",
     "model.mom.chunk_size=16",
     "model.mom.inner=gated_delta",
-    "model.memory_caching.mixers=[fm]",
+    "model.mamba2.head_dim=16",
+    "model.mamba2.n_groups=2",
+    "model.mamba2.d_state=16",
+    "model.mamba2.chunk_size=16",
+    "model.memory_caching.mixers=[fm, mamba2]",
     "model.memory_caching.aggregation=ssc",
     "model.memory_caching.segment_size=16",
     "parallel.tensor_parallel=2",
