@@ -4,7 +4,7 @@
   fm_mc under ZeRO-3);
 - one hybrid of every new mixer (GLA, Gated DeltaNet, MoM, FM + Memory Caching, Mamba-2 + Memory Caching) at
   tensor_parallel = 2 trains,
-  checkpoints, and a resumed run continues with bit-identical losses.
+  checkpoints, a resumed run continues with bit-identical losses, and the checkpoint resumes at tensor_parallel = 1.
 """
 
 import math
@@ -105,3 +105,13 @@ def test_hybrid_at_tp2_trains_and_resumes_bit_identically(packed, tmp_path):
     for step in (4, 5, 6):
         assert got[step] == want[step], f"step {step}: resumed loss {got[step]!r} != uninterrupted {want[step]!r}"
     assert series(second, "val/loss")[6] == series(first, "val/loss")[6]
+
+    # The step-3 checkpoint resumed at tensor_parallel = 1 on one rank (the same global batch): resharded through
+    # the universal form by the split table every new mixer records (checkpoint/reshard.py). Other reduction orders
+    # than at TP = 2, so equal up to rounding; a misplaced shard would be off by far more.
+    tp1 = train(config, tmp_path / "tp1", [*opts, "parallel.tensor_parallel=1", f"train.resume_from={ckpt / 'step_3'}"],
+                nproc=1)  # fmt: skip
+    got = series(tp1, "train/loss")
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), step
