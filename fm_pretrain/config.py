@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 MIXERS = ("fm", "attention", "mamba2", "gla", "gated_delta", "mom")
 # Mixers whose state is a linear memory read as S^T q: Memory Caching (model.memory_caching) can wrap them.
-MEMORY_CACHING_MIXERS = ("fm", "gla", "gated_delta", "mamba2")
+MEMORY_CACHING_MIXERS = ("fm", "gla", "gated_delta", "mamba2", "mom")
 
 
 @dataclass
@@ -480,6 +480,10 @@ def _validate_memory_family(m: ModelConfig) -> None:
     if mc.segmentation == "log" and mc.state_mode == "independent":
         raise ConfigError(
             "model.memory_caching.state_mode: logarithmic segmentation is implemented for 'checkpoint' states only"
+        )
+    if "mom" in mc.mixers and mc.state_mode != "checkpoint":
+        raise ConfigError(
+            "model.memory_caching.state_mode: Memory Caching over MoM ('mom' in mixers) supports 'checkpoint' only"
         )
     for kind in mc.mixers:
         if kind in m.layer_pattern:

@@ -39,10 +39,10 @@ from .tokenizer import verify, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Mixers an export supports: each is exported by bundle.py with the model code and tested for equal logits and
-# equal greedy generation (tests/export). A new mixer (MoM, Memory Caching, GLA, ...) is added here once its
-# generation cache follows fm_pretrain/model/cache.py and a round-trip test covers it.
-EXPORTABLE_MIXERS = ("fm", "attention", "mamba2")
+# Mixers an export supports (with or without Memory Caching): each is exported by bundle.py with the model code and
+# tested for equal logits and equal greedy generation (tests/export). A new mixer is added here once its generation
+# cache follows fm_pretrain/model/cache.py and a round-trip test covers it.
+EXPORTABLE_MIXERS = ("fm", "attention", "mamba2", "gla", "gated_delta", "mom")
 EXPORT_INFO = "fm_pretrain_export.json"
 FORMAT = "fm-pretrain-hf-export/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -139,8 +139,6 @@ def export_checkpoint(
     unsupported = sorted(set(model_section.get("layer_pattern", [])) - set(EXPORTABLE_MIXERS))
     if unsupported:
         raise ExportError(f"mixer(s) {unsupported} have no export support yet (exportable: {list(EXPORTABLE_MIXERS)})")
-    if (model_section.get("memory_caching") or {}).get("mixers"):
-        raise ExportError("model.memory_caching has no export support yet (its segment cache is not exported)")
     model, cfg, meta = load_model(step_dir, "cpu")
     tok = load_tokenizer(cfg, meta, Path(tokenizer) if tokenizer else None)
 

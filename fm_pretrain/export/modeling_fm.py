@@ -11,8 +11,9 @@ left (generation: pad positions become identity steps of FM and Mamba-2 and mask
 it). Any other mask (holes) is refused.
 
 Generation. `FMCache` follows transformers 5's `Cache` API: one `FMCacheLayer` per block, each holding the dict
-our layers read and write themselves (FM "state", Mamba-2 "conv" and "ssm", attention "k"/"v", plus "pos" and
-"start"). `generate()` then works as for any causal LM (greedy, sampling, beam search through `reorder_cache`).
+our layers read and write themselves (FM "state", Mamba-2 "conv" and "ssm", attention "k"/"v", the memory family's
+states and conv windows, Memory Caching's "mc", plus "pos" and "start"). `generate()` then works as for any causal
+LM (greedy, sampling, beam search through `reorder_cache`).
 `forward` returns a cache only with `use_cache=True` (what `generate()` passes).
 
 Kernels. Where `fm_kernels` (this project's kernel package) is importable, the FM and Mamba-2 layers choose their
@@ -72,9 +73,18 @@ class FMCacheLayer(CacheLayerMixin):
         self.state.clear()
 
     def _map(self, fn) -> None:
-        for key, value in list(self.state.items()):
+        """fn on every per-row tensor of the state: plain tensors, and the fields of (nested) NamedTuples of them
+        (Memory Caching's "mc" state); other entries ("pos") are the same for every row."""
+
+        def apply(value):
             if torch.is_tensor(value):
-                self.state[key] = fn(value)
+                return fn(value)
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                return type(value)._make(apply(v) for v in value)
+            return value
+
+        for key, value in list(self.state.items()):
+            self.state[key] = apply(value)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -52,6 +52,8 @@ def caching_flops_forward(cfg, kind: str, seq_len: int) -> float:
     reads = min(cached, mc.top_k_segments) if mc.aggregation == "ssc" else cached
     width = k_full if mc.descriptor == "keys" else mc.d_gate
     scores = 0.0 if mc.aggregation == "residual" else 2 * width * (cached + 1)
+    if kind == "mom":  # a cached MoM state is read at the token's k memories and the shared one
+        reads *= cfg.mom.top_k + int(cfg.mom.shared_memory)
     return heads * (reads * 2 * k_read * v + scores)
 
 

@@ -33,11 +33,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fm_kernels.caching import CachingSpec, CachingState, caching_step, empty_state, memory_caching
+from fm_kernels.caching import CachingSpec, caching_step, memory_caching
 from fm_kernels.fm import fm_log_decay
 from fm_pretrain.config import MemoryCachingConfig
 from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.model.layers.linear_memory import MemoryInputs, identity_at
+from fm_pretrain.model.mom_caching import empty_like, mom_caching_forward, where_rows
 from fm_pretrain.parallel.layers import column_linear, tp_mean
 
 
@@ -53,6 +54,7 @@ class MemoryCaching(nn.Module):
         self.cfg = cfg
         self.spec = CachingSpec(cfg.aggregation, cfg.segmentation, cfg.segment_size, cfg.state_mode, cfg.top_k_segments)
         self.is_fm = hasattr(base, "_gates")
+        self.is_mom = hasattr(base, "pair_inputs")  # MoM: its own forward (model/mom_caching.py)
         if self.is_fm:
             self.key_width, self.chunk_size, n_heads = base.n_memories, base.cfg.chunk_size, base.cfg.n_heads
         else:
@@ -110,6 +112,8 @@ class MemoryCaching(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model); see the module docstring for the cache."""
+        if self.is_mom:
+            return mom_caching_forward(self, x, doc_ids, cache)
         B, T, _ = x.shape
         pad = pad_positions(cache, T, x.device)
         inp, read_rows = self._inputs(x, doc_ids, cache)
@@ -131,7 +135,7 @@ class MemoryCaching(nn.Module):
             )  # fmt: skip
             if cache is not None:
                 if pad is not None:  # rows whose prompt has not started yet: an empty cache
-                    st = _where_rows(pad[:, -1], _empty_like(st), st)
+                    st = where_rows(pad[:, -1], empty_like(st), st)
                 cache["mc"] = st
         advance(cache, T)
         return self._output(o.to(x.dtype), x, inp.context)
@@ -150,29 +154,7 @@ class MemoryCaching(nn.Module):
                 desc=at(desc), spec=self.spec, read_rows=rr,
             )  # fmt: skip
             if pad is not None:  # padding rows stay where they were
-                st = _where_rows(pad[:, t], cache["mc"], st)
+                st = where_rows(pad[:, t], cache["mc"], st)
             cache["mc"] = st
             outs.append(y)
         return torch.stack(outs, dim=2)
-
-
-def _empty_like(st: CachingState) -> CachingState:
-    B, H, K, V = st.state.shape
-    e = empty_state(B, H, K, V, st.csum.shape[-1], st.state.dtype, st.state.device)
-    N = st.cached.shape[1]
-    return e._replace(
-        cached=st.cached.new_zeros(st.cached.shape), csum_at=st.csum_at.new_zeros(B, N + 1, *st.csum.shape[1:])
-    )
-
-
-def _where_rows(mask: torch.Tensor, a: CachingState, b: CachingState) -> CachingState:
-    """Per row: a where mask (B,) else b (the cached-state slots are padded to the longer of the two)."""
-    out = []
-    for x, y in zip(a, b):
-        if x.dim() >= 2 and x.shape[1] != y.shape[1] and x.dim() == y.dim() and x.shape[0] == y.shape[0]:
-            n = max(x.shape[1], y.shape[1])
-            x = torch.cat([x, x.new_zeros(x.shape[0], n - x.shape[1], *x.shape[2:])], 1) if x.shape[1] < n else x
-            y = torch.cat([y, y.new_zeros(y.shape[0], n - y.shape[1], *y.shape[2:])], 1) if y.shape[1] < n else y
-        m = mask.view(-1, *([1] * (x.dim() - 1)))
-        out.append(torch.where(m, x, y))
-    return CachingState(*out)

@@ -3,8 +3,9 @@
 - Two real 2-rank training runs (`fm_pretrain/train.py` through torchrun, gloo on CPU, 3 steps) of tiny hybrids of
   every mixer: ZeRO-1 x DP 2 (sparse FM, tied embeddings) and ZeRO-3 x TP 2 (dense FM, untied), so the exporter
   reads ZeRO 1/2-style and ZeRO-3 shards, and merges tensor-parallel ones (about 12 s each).
-- Single-mixer models (dense FM, sparse FM, attention, Mamba-2) and a hybrid of all three, written in the on-disk form
-  of a ZeRO-0 save, with random weights (init_std 0.2, so greedy outputs vary with the input).
+- Single-mixer models (dense FM, sparse FM, attention, Mamba-2, GLA, Gated DeltaNet, MoM), a hybrid of the first
+  three, and FM + Mamba-2 + GLA + MoM with Memory Caching on each, written in the on-disk form of a ZeRO-0 save, with
+  random weights (init_std 0.2, so greedy outputs vary with the input).
 """
 
 from __future__ import annotations
@@ -37,7 +38,18 @@ MIXERS = {
     "attention": (["attention"], None),
     "mamba2": (["mamba2"], None),
     "hybrid": (["fm", "attention", "mamba2"], 3),
+    "gla": (["gla"], None),
+    "gated_delta": (["gated_delta"], None),
+    "mom": (["mom"], None),
+    "memory_caching": (["fm", "mamba2", "gla", "mom"], 3),  # Memory Caching (GRM) on all four
 }
+MEMORY_FAMILY = {
+    "gla": {"n_heads": 2, "d_key": 16, "d_value": 16, "chunk_size": 8, "short_conv": True},
+    "gated_delta": {"n_heads": 2, "d_key": 16, "d_value": 16, "chunk_size": 8},
+    "mom": {"n_memories": 4, "top_k": 2, "n_heads": 2, "d_key": 16, "d_value": 16, "chunk_size": 8,
+            "inner": "gated_delta"},
+}  # fmt: skip
+MODEL_EXTRA = {"memory_caching": {"memory_caching": {"mixers": ["fm", "mamba2", "gla", "mom"], "segment_size": 16}}}
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +117,7 @@ def mixer_run(packed, tmp_path_factory):
                 "fm": {"n_heads": 2, "n_memories": 8, "d_mem": 8, "top_k": top_k, "chunk_size": 8},
                 "attention": {"n_heads": 4, "n_kv_heads": 2},
                 "mamba2": {"d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 8},
+                **MEMORY_FAMILY, **MODEL_EXTRA.get(name, {}),
             }  # fmt: skip
             cfg = from_dict({"model": model, "data": {"tokenizer": str(packed / "tokenizer.model")}})
             torch.manual_seed(0)

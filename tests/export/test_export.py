@@ -33,7 +33,11 @@ MIXER_MODULES = {
     "fm": "fm_pretrain__model__layers__fm.py",
     "attention": "fm_pretrain__model__layers__attention.py",
     "mamba2": "fm_pretrain__model__layers__mamba2.py",
+    "gla": "fm_pretrain__model__layers__gla.py",
+    "gated_delta": "fm_pretrain__model__layers__gated_delta.py",
+    "mom": "fm_pretrain__model__layers__mom.py",
 }
+USES = {"mom": ("gated_delta",)}  # MoM's gated-delta inner rule takes its gates from the Gated DeltaNet module
 
 
 def prompts(tok: Tokenizer) -> list[list[int]]:
@@ -66,8 +70,11 @@ def assert_round_trip(run_dir: Path, export_dir: Path, new_tokens: int = 10, var
     assert saved["fm_model"]["layer_pattern"] == cfg.model.layer_pattern
     assert saved["fm_model"]["fm"] == {**want["fm"].__dict__, "backend": "auto"}
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_fm.FMPretrainForCausalLM"
+    used = set(cfg.model.layer_pattern) | {dep for kind in cfg.model.layer_pattern for dep in USES.get(kind, ())}
     for kind, module in MIXER_MODULES.items():  # the export carries the mixers it uses, and only those
-        assert (export_dir / module).is_file() == (kind in cfg.model.layer_pattern), module
+        assert (export_dir / module).is_file() == (kind in used), module
+    caching = export_dir / "fm_pretrain__model__memory_caching.py"
+    assert caching.is_file() == bool(cfg.model.memory_caching.mixers)
 
 
 @pytest.mark.slow
@@ -88,6 +95,24 @@ def test_export_of_each_mixer_round_trips(mixer_run, tmp_path, name):
     run_dir = mixer_run(name)
     export_dir = export_checkpoint(run_dir, tmp_path / "hf", check=False)
     assert_round_trip(run_dir, export_dir)
+
+
+@pytest.mark.parametrize("name", ["memory_caching", "mom"])
+def test_beam_search_with_the_recurrent_cache_equals_beam_search_without_it(mixer_run, tmp_path, name):
+    """Beam search reorders the cache between steps (`FMCacheLayer.reorder_cache`), Memory Caching's cached segment
+    states (a NamedTuple of tensors) and MoM's per-memory states included: with the cache it must choose what it
+    chooses when every step recomputes the whole prefix (use_cache=False)."""
+    export_dir = export_checkpoint(mixer_run(name), tmp_path / "hf", check=False)
+    hf = load_exported(export_dir, torch.float32)
+    tok = Tokenizer(export_dir / "tokenizer.model")
+    input_ids, start = left_pad(prompts(tok)[:2], tok.pad_id)
+    mask = (torch.arange(input_ids.shape[1])[None, :] >= start[:, None]).long()
+    runs = [
+        hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, num_beams=3,
+                    do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id, use_cache=use_cache)
+        for use_cache in (True, False)
+    ]  # fmt: skip
+    assert runs[0].tolist() == runs[1].tolist()
 
 
 def test_weights_are_sharded_when_large(mixer_run, tmp_path):
@@ -255,10 +280,10 @@ def test_unsupported_mixer_is_refused(capsys, mixer_run, tmp_path):
     shutil.copytree(mixer_run("attention"), run_dir)
     meta_path = run_dir / "checkpoints" / "step_1" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["config"]["model"]["layer_pattern"] = ["mom", "attention"]
+    meta["config"]["model"]["layer_pattern"] = ["rwkv7", "attention"]  # e.g. a checkpoint of a newer version
     meta_path.write_text(json.dumps(meta))
     code, err = run_cli(capsys, "--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"))
-    assert code == 2 and "['mom'] have no export support yet" in err, err
+    assert code == 2 and "['rwkv7'] have no export support yet" in err, err
 
 
 def test_existing_output_is_not_overwritten(capsys, mixer_run, tmp_path):

@@ -46,7 +46,7 @@ FM_SPARSE = {
 }  # fmt: skip
 # The memory family (docs/memory_family.md): GLA (short convs, low-rank gate), Gated DeltaNet, MoM (gated-delta
 # inner rule with its per-memory convs, shared memory, balancing loss; replicated router) and sparse FM with
-# Memory Caching (SSC), GLA and Mamba-2 with Memory Caching.
+# Memory Caching (SSC), GLA, Mamba-2 and MoM with Memory Caching.
 MEMORY_FAMILY = {
     "vocab_size": 64,
     "d_model": 32,
@@ -58,7 +58,7 @@ MEMORY_FAMILY = {
     "mom": {"n_memories": 4, "top_k": 2, "inner": "gated_delta", "n_heads": 2, "d_key": 8, "d_value": 8,
             "chunk_size": 4},
     "mamba2": {"d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 4},
-    "memory_caching": {"mixers": ["fm", "gla", "mamba2"], "aggregation": "ssc", "segment_size": 4,
+    "memory_caching": {"mixers": ["fm", "gla", "mamba2", "mom"], "aggregation": "ssc", "segment_size": 4,
                        "top_k_segments": 1},
 }  # fmt: skip
 CASES = {"hybrid_dense": HYBRID, "fm_sparse": FM_SPARSE, "memory_family": MEMORY_FAMILY}

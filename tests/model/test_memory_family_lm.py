@@ -20,6 +20,7 @@ MODELS = {
     ),  # fmt: skip
     "fm_mc": dict(layer_pattern=["fm"], memory_caching=dict(mixers=["fm"], aggregation="ssc", segment_size=4)),
     "mamba2_mc": dict(layer_pattern=["mamba2"], memory_caching=dict(mixers=["mamba2"], segment_size=4)),
+    "mom_mc": dict(layer_pattern=["mom"], memory_caching=dict(mixers=["mom"], aggregation="ssc", segment_size=8)),
     "hybrid": dict(
         layer_pattern=["gla", "gated_delta", "mom", "fm"],
         memory_caching=dict(mixers=["fm", "gla"], aggregation="grm", segment_size=4),

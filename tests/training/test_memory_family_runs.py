@@ -2,7 +2,7 @@
 
 - each tiny config (configs/{gla,gdn,mom,fm_mc}_tiny.yaml) trains in the demo's way and its loss falls (mom and
   fm_mc under ZeRO-3);
-- one hybrid of every new mixer (GLA, Gated DeltaNet, MoM, FM + Memory Caching, Mamba-2 + Memory Caching) at
+- one hybrid of every new mixer (GLA, Gated DeltaNet, and MoM, FM, Mamba-2 with Memory Caching) at
   tensor_parallel = 2 trains,
   checkpoints, a resumed run continues with bit-identical losses, and the checkpoint resumes at tensor_parallel = 1.
 """
@@ -76,7 +76,7 @@ HYBRID = [
     "model.mamba2.n_groups=2",
     "model.mamba2.d_state=16",
     "model.mamba2.chunk_size=16",
-    "model.memory_caching.mixers=[fm, mamba2]",
+    "model.memory_caching.mixers=[fm, mamba2, mom]",
     "model.memory_caching.aggregation=ssc",
     "model.memory_caching.segment_size=16",
     "parallel.tensor_parallel=2",

@@ -215,13 +215,7 @@ class MixtureOfMemories(nn.Module):
             if self.layer_idx == 0:
                 log.info("MoM layers use the '%s' backend for the shared memory on %s", self.backend, x.device)
         pad = pad_positions(cache, T, x.device)
-        memories, weights, logits = self.route(x)
-        self.aux_loss = None
-        if self.training and self.cfg.aux_loss_weight > 0:
-            probs = torch.softmax(at_least_fp32(logits), dim=-1).reshape(B * T, -1)
-            self.aux_loss = self.cfg.aux_loss_weight * balance_loss(probs, memories.reshape(B * T, -1))
-        if self.router_stats is not None and self.training:  # sums on the device, at the k routed memories
-            self.router_stats.update(self.layer_idx, weights.detach()[:, :, None], memories[:, :, None])
+        memories, weights = self.routing(x)
         q = self._queries(x, doc_ids, cache, pad)
         decode = cache is not None and T == 1 and "states" in cache and (pad is None or not bool(pad.any()))
         if decode:
@@ -233,15 +227,34 @@ class MixtureOfMemories(nn.Module):
         advance(cache, T)
         return self.out(o.to(x.dtype), x)
 
-    def _parallel_memories(self, x, q, memories, weights, doc_ids, cache, pad) -> torch.Tensor:
-        """The O(k) path: pairs grouped by memory, one variable-length scan per (memory, row). -> (B, H, T, V)."""
+    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route`, plus (training) the balance loss in `aux_loss` and the router statistics. -> memories,
+        weights (B, T, k)."""
+        B, T, _ = x.shape
+        memories, weights, logits = self.route(x)
+        self.aux_loss = None
+        if self.training and self.cfg.aux_loss_weight > 0:
+            probs = torch.softmax(at_least_fp32(logits), dim=-1).reshape(B * T, -1)
+            self.aux_loss = self.cfg.aux_loss_weight * balance_loss(probs, memories.reshape(B * T, -1))
+        if self.router_stats is not None and self.training:  # sums on the device, at the k routed memories
+            self.router_stats.update(self.layer_idx, weights.detach()[:, :, None], memories[:, :, None])
+        return memories, weights
+
+    def pair_inputs(self, x, memories, doc_ids, cache, pad):
+        """The routed pairs grouped by memory (`group_pairs`) and their k, v, g, beta (P, H, .) in sorted order
+        (each memory's projection on its own pairs; convs over its own tokens, updating cache["kv_conv"])."""
         B, T, d = x.shape
         pairs = group_pairs(memories, self.n_memories, doc_ids, exclude=pad, chunk=self.cfg.chunk_size)
         proj = self._memory_projections(x.reshape(B * T, d)[pairs.token], pairs.memory_counts)
         Hk, Hv = self.local_blocks[0], self.local_blocks[1]
         kv = proj[:, : Hk + Hv]
         kv = self._pair_conv(kv, pairs, B, T, cache) if self.kv_conv is not None else self._activate_kv(kv)
-        k, v, g, beta = self._split(torch.cat([kv, proj[:, Hk + Hv :]], dim=-1))
+        return (pairs, *self._split(torch.cat([kv, proj[:, Hk + Hv :]], dim=-1)))
+
+    def _parallel_memories(self, x, q, memories, weights, doc_ids, cache, pad) -> torch.Tensor:
+        """The O(k) path: pairs grouped by memory, one variable-length scan per (memory, row). -> (B, H, T, V)."""
+        B, T, d = x.shape
+        pairs, k, v, g, beta = self.pair_inputs(x, memories, doc_ids, cache, pad)
         reads, final = mom_scan(
             pairs, q=q.reshape(B * T, self.n_heads, self.d_key)[pairs.token], k=k, v=v, g=g, beta=beta,
             initial_state=None if cache is None else cache.get("states"), output_final_state=cache is not None,
@@ -253,8 +266,15 @@ class MixtureOfMemories(nn.Module):
     def _decode_memories(self, x, q, memories, weights, cache) -> torch.Tensor:
         """One token: only the k routed memories of each row are projected, loaded, updated and read.
         Returns (B, H, 1, V)."""
+        k, v, g, beta = self.decode_inputs(x, memories, cache)
+        o = mom_step(cache["states"], memories[:, 0], weights[:, 0], q[:, 0], k, v, g, beta)
+        return o.unsqueeze(2)
+
+    def decode_inputs(self, x, memories, cache):
+        """One token x (B, 1, d), memories (B, 1, k): the k routed memories' k, v, g, beta (B, k, H, .), projected
+        (grouped by memory) and convolved with their own windows only (cache["kv_conv"] updated)."""
         B, _, d = x.shape
-        mem, w = memories[:, 0], weights[:, 0]  # (B, k)
+        mem = memories[:, 0]  # (B, k)
         kk = mem.shape[1]
         flat_mem = mem.reshape(-1)
         order = torch.sort(flat_mem, stable=True).indices
@@ -274,25 +294,11 @@ class MixtureOfMemories(nn.Module):
             kv = F.silu(out).view(B, kk, -1)
         else:
             kv = self._activate_kv(kv)
-        k, v, g, beta = self._split(torch.cat([kv, proj[..., Hk + Hv :]], dim=-1))
-        o = mom_step(cache["states"], mem, w, q[:, 0], k, v, g, beta)
-        return o.unsqueeze(2)
+        return self._split(torch.cat([kv, proj[..., Hk + Hv :]], dim=-1))
 
     def _shared_memory(self, x, q, doc_ids, cache, pad, decode: bool) -> torch.Tensor:
         """The memory every token writes and reads, unweighted. -> (B, H, T, V)."""
-        B, T, _ = x.shape
-        proj = self.shared(x)
-        Hk, Hv = self.local_blocks[0], self.local_blocks[1]
-        kv = proj[..., : Hk + Hv]
-        if self.shared_conv is not None:
-            kv = self.shared_conv(
-                kv if pad is None else kv.masked_fill(pad[..., None], 0.0), doc_ids, cache, "shared_conv"
-            )
-        else:
-            kv = self._activate_kv(kv)
-        k, v, g, beta = self._split(torch.cat([kv, proj[..., Hk + Hv :]], dim=-1))
-        hm = lambda t: None if t is None else t.transpose(1, 2)  # noqa: E731 (B, T, H, .) -> (B, H, T, .)
-        inp = identity_at(MemoryInputs(q=hm(q), k=hm(k), v=hm(v), g=hm(g), beta=hm(beta)), pad)
+        inp = self.shared_inputs(x, q, doc_ids, cache, pad)
         state = None if cache is None else cache.get("shared_state")
         if decode:
             if self.delta:
@@ -310,6 +316,23 @@ class MixtureOfMemories(nn.Module):
         if cache is not None:
             cache["shared_state"] = final
         return o
+
+    def shared_inputs(self, x, q, doc_ids, cache, pad) -> MemoryInputs:
+        """The shared memory's recurrence inputs, head-major (B, H, T, .), identity steps at padding (its conv window
+        in cache["shared_conv"] updated)."""
+        B, T, _ = x.shape
+        proj = self.shared(x)
+        Hk, Hv = self.local_blocks[0], self.local_blocks[1]
+        kv = proj[..., : Hk + Hv]
+        if self.shared_conv is not None:
+            kv = self.shared_conv(
+                kv if pad is None else kv.masked_fill(pad[..., None], 0.0), doc_ids, cache, "shared_conv"
+            )
+        else:
+            kv = self._activate_kv(kv)
+        k, v, g, beta = self._split(torch.cat([kv, proj[..., Hk + Hv :]], dim=-1))
+        hm = lambda t: None if t is None else t.transpose(1, 2)  # noqa: E731 (B, T, H, .) -> (B, H, T, .)
+        return identity_at(MemoryInputs(q=hm(q), k=hm(k), v=hm(v), g=hm(g), beta=hm(beta)), pad)
 
     # ---- the dense reference (tests) -----------------------------------------------------------------------
 

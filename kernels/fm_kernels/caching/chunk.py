@@ -119,13 +119,53 @@ def memory_caching(
         index = layout.seq_first_chunk[seq_tok] + js * (U // C)  # the chunk starting at position j U
     index = torch.where(valid, index, torch.full_like(index, -1))
 
+    d_layout = layout
+    if independent:  # the scan's sequences are segments: sum over whole documents instead
+        doc_seq = new_doc.reshape(-1).long().cumsum(0) - 1
+        d_layout = build_layout(doc_seq, torch.zeros_like(doc_seq), int(doc_seq[-1]) + 1, C)
+    w0, w, incl = segment_weights(u, desc, spec, layout, d_layout, n, js, cached_bias, dt)
+    index_h = index[:, None, :].expand_as(w)
+    if spec.aggregation == "ssc":  # only the kept segments are read: O(top_k_segments) states per token
+        w, index_h = compact(w, index_h, spec.top_k_segments)
+    if read_rows is not None:  # sparse FM: every read gathers only the token's k rows of each state
+        q_k, rows = read_rows
+        cached = state_reads(_items(q_k).to(dt), table, w, index_h, rows=_items(rows))
+    elif spec.aggregation == "ssc":
+        cached = state_reads(_items(q).to(dt), table, w, index_h)
+    else:  # every token of a chunk reads the same segments: one matmul per (chunk, segment)
+        cached = _chunk_reads(to_chunks(_items(q).to(dt), layout), table, index, to_chunks(w, layout), layout)
+    y = (w0[..., None] * online + cached).view(B, T, H, -1).transpose(1, 2).to(q.dtype)
+    if not output_state:
+        return y, None
+    return y, _last_document_state(res, layout, table, n, c, incl, seq, spec, B, T)
+
+
+def segment_weights(
+    u: torch.Tensor,
+    desc: torch.Tensor,
+    spec: CachingSpec,
+    layout,
+    doc_layout,
+    n: torch.Tensor,
+    js: torch.Tensor,
+    cached_bias: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The aggregation weights of every token (shared by `memory_caching` and `mom.mom_caching`). u, desc
+    (B, H, T, D); layout: a chunk layout of the B T tokens (row-major items) in which all tokens of a chunk have the
+    same cached segments (chunks start at document starts, U a multiple of C); doc_layout: one in which each
+    document is one sequence (may be `layout`); n (B, T) document positions; js (B T, J) the cached boundaries
+    (`segments.boundaries`, 0: none); dtype: the work dtype (default: the state dtype of u). Returns w0 (B T, H),
+    w (B T, H, J) (`naive.mix_weights`) and the prefix sums of desc within each document, incl (B T, H, D)."""
+    B, H, T = u.shape[:3]
+    U = spec.segment_size
+    dt = state_dtype(u) if dtype is None else dtype
+    dev = u.device
+    c = n // U
+    valid = js > 0
     # Descriptors: prefix sums of desc within each document, read at segment edges (per document, so that they do
     # not depend on other documents even in rounding).
     d_items = _items(desc).to(dt)  # (B T, H, D)
-    doc_layout = layout
-    if independent:  # the scan's sequences are segments: sum over whole documents instead
-        doc_seq = new_doc.reshape(-1).long().cumsum(0) - 1
-        doc_layout = build_layout(doc_seq, torch.zeros_like(doc_seq), int(doc_seq[-1]) + 1, C)
     incl = segment_cumsum(d_items, doc_layout)  # desc summed over the token's document up to the token
     doc_start_item = (torch.arange(B * T, device=dev) - n.reshape(-1))[:, None]  # (B T, 1)
 
@@ -149,20 +189,7 @@ def memory_caching(
     z0 = (u_items * desc_0).sum(-1)
     valid_h = valid[:, None, :].expand_as(z)
     w0, w = mix_weights(z0, z, valid_h, spec, cached_bias)
-    index_h = index[:, None, :].expand_as(z)
-    if spec.aggregation == "ssc":  # only the kept segments are read: O(top_k_segments) states per token
-        w, index_h = compact(w, index_h, spec.top_k_segments)
-    if read_rows is not None:  # sparse FM: every read gathers only the token's k rows of each state
-        q_k, rows = read_rows
-        cached = state_reads(_items(q_k).to(dt), table, w, index_h, rows=_items(rows))
-    elif spec.aggregation == "ssc":
-        cached = state_reads(_items(q).to(dt), table, w, index_h)
-    else:  # every token of a chunk reads the same segments: one matmul per (chunk, segment)
-        cached = _chunk_reads(to_chunks(_items(q).to(dt), layout), table, index, to_chunks(w, layout), layout)
-    y = (w0[..., None] * online + cached).view(B, T, H, -1).transpose(1, 2).to(q.dtype)
-    if not output_state:
-        return y, None
-    return y, _last_document_state(res, layout, table, n, c, incl, seq, spec, B, T)
+    return w0, w, incl
 
 
 def compact(w: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

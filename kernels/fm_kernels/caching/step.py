@@ -51,6 +51,31 @@ def caching_step(
         o, S = gated_recurrence_step(S, q, k, v, g)
     else:
         o, S = gated_delta_step(S, q, k, v, g, beta)
+    w0, w, js, valid, csum = step_weights(st, u, desc, spec, cached_bias)
+    slots = torch.arange(B, device=q.device)[:, None] * st.cached.shape[1] + js - 1
+    index = torch.where(valid, slots, torch.full_like(slots, -1))[:, None, :].expand_as(w)
+    if spec.aggregation == "ssc":  # read only the kept segments
+        w, index = compact(w, index, spec.top_k_segments)
+    table = st.cached.reshape(-1, *st.cached.shape[2:])
+    if table.shape[0] == 0:  # nothing cached yet
+        cached = o.new_zeros(o.shape, dtype=dt)
+    elif read_rows is None:
+        cached = state_reads(q.to(dt), table, w, index)
+    else:
+        cached = state_reads(read_rows[0].to(dt), table, w, index, rows=read_rows[1])
+    y = w0[..., None] * o.to(dt) + cached
+
+    cached_states, csum_at = push_completed(st.cached, st.csum_at, n, U, S, csum)
+    return y.to(q.dtype), CachingState(state=S, cached=cached_states, csum_at=csum_at, csum=csum, n=n + 1)
+
+
+def step_weights(st: CachingState, u: torch.Tensor, desc: torch.Tensor, spec: CachingSpec, cached_bias: float = 0.0):
+    """The aggregation weights of one token per row (shared with `mom.mom_caching_step`): u, desc (B, H, D).
+    Returns w0 (B, H), w (B, H, J), js (B, J) the cached boundaries (0: none), valid (B, J) and the new running
+    sum of desc (B, H, D)."""
+    U = spec.segment_size
+    dt = st.state.dtype
+    n = st.n
     csum = st.csum + desc.to(dt)
     c = n // U
     js = boundaries(c, spec.segmentation, width_for(int(c.max()), spec.segmentation))  # (B, J)
@@ -64,22 +89,15 @@ def caching_step(
     z0 = (ut * desc_0).sum(-1)
     valid_h = valid[:, None, :].expand_as(z)
     w0, w = mix_weights(z0, z, valid_h, spec, cached_bias)
-    slots = torch.arange(B, device=q.device)[:, None] * st.cached.shape[1] + js - 1
-    index = torch.where(valid, slots, torch.full_like(slots, -1))[:, None, :].expand_as(z)
-    if spec.aggregation == "ssc":  # read only the kept segments
-        w, index = compact(w, index, spec.top_k_segments)
-    table = st.cached.reshape(-1, *st.cached.shape[2:])
-    if table.shape[0] == 0:  # nothing cached yet
-        cached = o.new_zeros(o.shape, dtype=dt)
-    elif read_rows is None:
-        cached = state_reads(q.to(dt), table, w, index)
-    else:
-        cached = state_reads(read_rows[0].to(dt), table, w, index, rows=read_rows[1])
-    y = w0[..., None] * o.to(dt) + cached
+    return w0, w, js, valid, csum
 
+
+def push_completed(cached_states, csum_at, n, U: int, S: torch.Tensor, csum: torch.Tensor):
+    """After the token at position n (B,): the rows completing a segment cache S (B, *state) at slot j - 1 of
+    boundary j = (n + 1) / U of cached_states (B, N, *state) (grown as needed) and csum at slot j of csum_at."""
+    B = n.shape[0]
     # A completed segment joins the cache: slot j - 1 of boundary j = (n + 1) / U.
     push = (n + 1) % U == 0
-    cached_states, csum_at = st.cached, st.csum_at
     if bool(push.any()):
         j = (n + 1) // U
         need = int(j[push].max())
@@ -90,4 +108,4 @@ def caching_step(
         rows = push.nonzero(as_tuple=True)[0]
         cached_states = cached_states.index_put((rows, j[rows] - 1), S[rows])
         csum_at = csum_at.index_put((rows, j[rows]), csum[rows])
-    return y.to(q.dtype), CachingState(state=S, cached=cached_states, csum_at=csum_at, csum=csum, n=n + 1)
+    return cached_states, csum_at

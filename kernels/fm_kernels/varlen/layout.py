@@ -67,12 +67,17 @@ def build_layout(
     chunk: int,
     doc0: torch.Tensor | None = None,
     align_documents: bool = False,
+    align: torch.Tensor | None = None,
 ) -> VarlenLayout:
     """Layout of P items with sequence ids seq (P,) int64, nondecreasing in [0, n_seq), in time order within
     each sequence, and document indices doc (P,) int64 (nondecreasing within a sequence). doc0 (n_seq,): the
     document the initial state of each sequence belongs to (default 0: the first document of a row).
     align_documents: every document of a sequence starts on a chunk boundary (padding the previous one), so that a
     document's slots, hence its arithmetic, do not depend on how many items earlier documents had.
+    align (P,) int64: a chunk run also starts wherever it changes within a sequence (padding the previous run),
+    WITHOUT resetting the state (only documents reset it): the state entering such a chunk (`chunk_states`) is the
+    state after the sequence's previous item (Memory Caching over Mixture-of-Memories reads its routed memories'
+    cached states there).
 
     Reads the per-sequence chunk counts on the host once (one device synchronisation).
     """
@@ -85,6 +90,8 @@ def build_layout(
     new_run[1:] = seq[1:] != seq[:-1]
     if align_documents:
         new_run[1:] |= doc[1:] != doc[:-1]
+    if align is not None:
+        new_run[1:] |= align[1:] != align[:-1]
     run = torch.cumsum(new_run.long(), 0) - 1
     run_start = new_run.nonzero(as_tuple=True)[0]  # (n_runs,) first item of each run
     run_count = torch.diff(torch.cat([run_start, torch.tensor([P], device=device)]))
