@@ -21,6 +21,7 @@ from fm_kernels.caching import (
     state_reads,
     state_reads_reference,
 )
+from fm_kernels.caching.segments import n_slots
 from fm_kernels.gated import naive_gated_recurrence
 from fm_kernels.gated_delta import naive_gated_delta
 
@@ -104,8 +105,27 @@ def test_decoding_continues_the_parallel_path_with_a_growing_cache(mode, delta):
         y_t, st = caching_step(st, **{k: None if v is None else v[:, :, t] for k, v in x.items()}, spec=spec)
         torch.testing.assert_close(y_t, ref[:, :, t], rtol=1e-10, atol=1e-10)
         sizes.append(st.cached.shape[1])
-    assert sizes[0] == 1 and sizes[-1] == 21 // 4  # one more cached state per completed segment
+    # one more cached state per completed segment; log: one per bit level (segments.cache_slot)
+    assert sizes[0] == 1 and sizes[-1] == n_slots(21 // 4, mode[0])
     assert sorted(sizes) == sizes and cache_bytes(st) > 0
+
+
+def test_log_segmentation_decoding_keeps_one_state_per_bit_level():
+    """After c units a log-segmented decoding cache holds bit_length(c) states, not c (the states no later token
+    reads are overwritten), and decoding still reads exactly what the per-token reference reads."""
+    gen = torch.Generator().manual_seed(5)
+    x = mc_inputs(2, 2, 40, 3, 4, 3, False, torch.float64, gen)
+    spec = CachingSpec("grm", "log", 1, "checkpoint", 2)
+    ref = naive_memory_caching(**x, spec=spec)
+    y, st = memory_caching(**{k: None if v is None else v[:, :, :3] for k, v in x.items()}, spec=spec, chunk_size=1,
+                           output_state=True)  # fmt: skip
+    torch.testing.assert_close(y, ref[:, :, :3], rtol=1e-10, atol=1e-10)
+    sizes = [st.cached.shape[1]]
+    for t in range(3, 40):
+        y_t, st = caching_step(st, **{k: None if v is None else v[:, :, t] for k, v in x.items()}, spec=spec)
+        torch.testing.assert_close(y_t, ref[:, :, t], rtol=1e-10, atol=1e-10)
+        sizes.append(st.cached.shape[1])
+    assert sizes == [(t + 1).bit_length() for t in range(2, 40)]  # 6 states after 40 units, not 40
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["gated", "delta"])

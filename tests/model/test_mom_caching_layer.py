@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fm_kernels.caching import SharedInputs, mom_cache_bytes, naive_mom_caching
+from fm_kernels.caching.segments import n_slots
 from fm_pretrain.config import ConfigError, MemoryCachingConfig, MoMConfig
 from fm_pretrain.model.layers.mom import MixtureOfMemories
 from fm_pretrain.model.memory_caching import MemoryCaching
@@ -96,7 +97,8 @@ def test_cached_decoding_grows_the_cache_and_documents_are_isolated(base, cachin
     for t in range(5, 14):
         layer(x[:, t : t + 1], cache=cache)
         sizes.append(cache["mc"].cached.shape[1])
-    assert sizes == [(t + 1) // 4 if t >= 7 else 1 for t in range(4, 14)]  # one more state per completed segment
+    seg = CACHING[caching].get("segmentation", "constant")  # log: one state per bit level
+    assert sizes == [max(1, n_slots((t + 1) // 4, seg)) for t in range(4, 14)]  # one more per completed segment
     assert cache["mc"].cached.shape[2] == 3 and mom_cache_bytes(cache["mc"]) > 0
 
 

@@ -27,7 +27,7 @@ from ..gated.naive import document_index, state_dtype
 from ..varlen import build_layout, from_chunks, segment_cumsum, to_chunks, varlen_chunk_scan
 from .naive import CachingSpec, mix_weights
 from .reads import state_reads
-from .segments import boundaries, segment_start, width_for
+from .segments import boundaries, n_slots, segment_start, stored_boundaries, width_for
 
 
 class CachingState(NamedTuple):
@@ -223,31 +223,31 @@ def _chunk_reads(q_chunks, table, index, w_chunks, layout) -> torch.Tensor:
 
 
 def _last_document_state(res, layout, table, n, c, incl, seq, spec, B, T) -> CachingState:
-    """The decoding state of each row's last document, from the parallel pass."""
+    """The decoding state of each row's last document, from the parallel pass (the cache slots of
+    `segments.stored_boundaries`: every boundary for constant segmentation, one per bit level for log)."""
     U = spec.segment_size
     last = torch.arange(B, device=n.device) * T + T - 1  # each row's last token (item index)
     n_last = n.reshape(-1)[last]
     pushed = (n_last + 1) // U  # boundaries completed in the last document
-    N = max(1, int(pushed.max()))
-    j = torch.arange(1, N + 1, device=n.device)
-    have = j[None, :] <= pushed[:, None]  # (B, N)
+    N = max(1, n_slots(int(pushed.max()), spec.segmentation))
+    j = stored_boundaries(pushed, spec.segmentation, N)  # (B, N) the boundary of each slot, 0: none
+    have = j > 0
     final = res.final_state  # per sequence
     state = final[seq[last]]
     C = layout.chunk
     if spec.state_mode == "independent":
-        idx = seq[last][:, None] - c.reshape(-1)[last][:, None] + j[None, :] - 1
+        idx = seq[last][:, None] - c.reshape(-1)[last][:, None] + j - 1
         # the last token may complete its segment: then its boundary's state is that sequence's final state
         cached = final[idx.clamp(min=0, max=final.shape[0] - 1)]
     else:
         first = layout.seq_first_chunk[seq[last]][:, None]
-        at_end = j[None, :] * U >= n_last[:, None] + 1  # boundary at the document's end: the final state
-        chunk = (first + j[None, :] * (U // C)).clamp(max=max(table.shape[0] - 1, 0))
+        at_end = j * U >= n_last[:, None] + 1  # boundary at the document's end: the final state
+        chunk = (first + j * (U // C)).clamp(max=max(table.shape[0] - 1, 0))
         cached = torch.where(at_end[..., None, None, None], state[:, None], table[chunk])
     cached = cached * have[..., None, None, None].to(cached.dtype)
     doc_start = last - n_last
     tot = incl[last]  # (B, H, D)
-    pos = j[None, :] * U  # prefix at boundary j
-    item = (doc_start[:, None] + pos - 1).clamp(max=B * T - 1)
+    item = (doc_start[:, None] + j * U - 1).clamp(min=0, max=B * T - 1)  # prefix at boundary j
     csum_j = incl[item] * have[..., None, None].to(incl.dtype)
     csum_at = torch.cat([torch.zeros_like(tot)[:, None], csum_j], dim=1)
     return CachingState(state=state, cached=cached, csum_at=csum_at, csum=tot, n=n_last + 1)

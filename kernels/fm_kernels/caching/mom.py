@@ -42,7 +42,7 @@ from ..varlen import ScanResult, build_layout, from_chunks, to_chunks, varlen_ch
 from .chunk import CachingState, _items, _last_document_state, compact, document_positions, segment_weights
 from .naive import CachingSpec, mix_weights
 from .reads import state_reads
-from .segments import boundaries, segment_start, width_for
+from .segments import boundaries, cache_slot, segment_start, stored_boundaries, width_for
 from .step import cache_bytes, empty_state, push_completed, step_weights
 
 
@@ -275,11 +275,11 @@ def mom_caching(
     N = base.cached.shape[1]
     last_doc = doc[:, -1]
     start = T - base.n  # (B,) row time of the last document's start
-    j = torch.arange(0, N + 1, device=dev)  # j = 0: the online state (at the row's end)
-    have = (j[None, :] * U <= base.n[:, None]) | (j[None, :] == 0)  # (B, N + 1)
-    tq = torch.where(
-        have & (j[None, :] > 0), start[:, None] + j[None, :] * U, torch.full_like(have, T, dtype=torch.long)
-    )
+    # Column 0: the online state (at the row's end); then the boundary held in each cache slot (0: none).
+    j = torch.cat([torch.zeros_like(base.n)[:, None], stored_boundaries(base.n // U, spec.segmentation, N)], 1)
+    col = torch.arange(N + 1, device=dev)[None, :]
+    have = (j > 0) | (col == 0)  # (B, N + 1)
+    tq = torch.where(have & (col > 0), start[:, None] + j * U, torch.full_like(have, T, dtype=torch.long))
     s = torch.arange(M, device=dev)[None, None, :] * B + torch.arange(B, device=dev)[:, None, None]
     idx = locate(s, last_doc[:, None, None], tq[..., None])  # (B, N + 1, M)
     keep = (idx >= 0) & have[..., None]
@@ -319,7 +319,6 @@ def mom_caching_step(
     (B, H, .) or None. Only the k routed memories are updated (in place) and read; the cached states grow by one
     slot (the whole MoM state) when a row completes a segment. Returns y (B, H, V) in q's dtype and the new state."""
     _check(spec)
-    U = spec.segment_size
     base = st.base
     dt = st.states.dtype
     B, H = q.shape[:2]
@@ -338,7 +337,7 @@ def mom_caching_step(
     y = w0[..., None] * o
     if N:
         jsel = js[:, None].expand(-1, H, -1).gather(2, jpos.clamp(min=0))  # (B, H, J') boundaries read
-        slot = torch.arange(B, device=q.device)[:, None, None] * N + jsel - 1
+        slot = torch.arange(B, device=q.device)[:, None, None] * N + cache_slot(jsel, spec.segmentation)
         r_idx = (slot[..., None] * st.cached.shape[2] + memories[:, None, None, :]).flatten(2)  # (B, H, J' k)
         r_idx = torch.where((jpos >= 0).repeat_interleave(kk, -1), r_idx, torch.full_like(r_idx, -1))
         w_r = (w[..., None] * weights.to(dt)[:, None, None, :]).flatten(2)
@@ -347,7 +346,7 @@ def mom_caching_step(
         if shared is not None:
             sh_idx = torch.where(jpos >= 0, slot, torch.full_like(slot, -1))
             y = y + state_reads(q.to(dt), base.cached.reshape(-1, *base.cached.shape[2:]), w, sh_idx)
-    cached, _ = push_completed(st.cached, base.csum_at, base.n, U, st.states, csum)
-    cached_sh, csum_at = push_completed(base.cached, base.csum_at, base.n, U, S_sh, csum)
+    cached, _ = push_completed(st.cached, base.csum_at, base.n, spec, st.states, csum)
+    cached_sh, csum_at = push_completed(base.cached, base.csum_at, base.n, spec, S_sh, csum)
     new_base = CachingState(state=S_sh, cached=cached_sh, csum_at=csum_at, csum=csum, n=base.n + 1)
     return y.to(q.dtype), MoMCachingState(base=new_base, states=st.states, cached=cached)

@@ -1,5 +1,7 @@
 """One decoding token of Memory Caching: the online memory's step, reads of the token's cached states, and the
-cache growing by one state whenever a segment completes (same rules as `naive.py`)."""
+cache taking a state whenever a segment completes (same rules as `naive.py`): constant segmentation appends it
+(one more slot per segment), log segmentation overwrites its bit level's slot (`segments.cache_slot`), so the
+cache holds O(log L) states."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from ..gated_delta.naive import gated_delta_step
 from .chunk import CachingState, compact
 from .naive import CachingSpec, mix_weights
 from .reads import state_reads
-from .segments import boundaries, segment_start, width_for
+from .segments import boundaries, cache_slot, csum_slot, n_slots, segment_start, width_for
 
 
 def cache_bytes(state: CachingState) -> int:
@@ -52,7 +54,7 @@ def caching_step(
     else:
         o, S = gated_delta_step(S, q, k, v, g, beta)
     w0, w, js, valid, csum = step_weights(st, u, desc, spec, cached_bias)
-    slots = torch.arange(B, device=q.device)[:, None] * st.cached.shape[1] + js - 1
+    slots = torch.arange(B, device=q.device)[:, None] * st.cached.shape[1] + cache_slot(js, spec.segmentation)
     index = torch.where(valid, slots, torch.full_like(slots, -1))[:, None, :].expand_as(w)
     if spec.aggregation == "ssc":  # read only the kept segments
         w, index = compact(w, index, spec.top_k_segments)
@@ -65,7 +67,7 @@ def caching_step(
         cached = state_reads(read_rows[0].to(dt), table, w, index, rows=read_rows[1])
     y = w0[..., None] * o.to(dt) + cached
 
-    cached_states, csum_at = push_completed(st.cached, st.csum_at, n, U, S, csum)
+    cached_states, csum_at = push_completed(st.cached, st.csum_at, n, spec, S, csum)
     return y.to(q.dtype), CachingState(state=S, cached=cached_states, csum_at=csum_at, csum=csum, n=n + 1)
 
 
@@ -81,7 +83,11 @@ def step_weights(st: CachingState, u: torch.Tensor, desc: torch.Tensor, spec: Ca
     js = boundaries(c, spec.segmentation, width_for(int(c.max()), spec.segmentation))  # (B, J)
     valid = js > 0
     starts = segment_start(js, spec.segmentation).clamp(min=0)  # (0 where there is no boundary)
-    at = lambda idx: st.csum_at.gather(1, idx[..., None, None].expand(-1, -1, *st.csum_at.shape[2:]))  # noqa: E731
+
+    def at(j: torch.Tensor) -> torch.Tensor:  # the descriptor prefix sums at boundaries j (B, J)
+        idx = csum_slot(j, spec.segmentation)
+        return st.csum_at.gather(1, idx[..., None, None].expand(-1, -1, *st.csum_at.shape[2:]))
+
     desc_j = (at(js) - at(starts)) / ((js - starts).clamp(min=1) * U).to(dt)[..., None, None]  # (B, J, H, D)
     desc_0 = (csum - at(c[:, None])[:, 0]) / (n - c * U + 1).to(dt)[:, None, None]
     ut = u.to(dt)
@@ -92,20 +98,22 @@ def step_weights(st: CachingState, u: torch.Tensor, desc: torch.Tensor, spec: Ca
     return w0, w, js, valid, csum
 
 
-def push_completed(cached_states, csum_at, n, U: int, S: torch.Tensor, csum: torch.Tensor):
-    """After the token at position n (B,): the rows completing a segment cache S (B, *state) at slot j - 1 of
-    boundary j = (n + 1) / U of cached_states (B, N, *state) (grown as needed) and csum at slot j of csum_at."""
+def push_completed(cached_states, csum_at, n, spec: CachingSpec, S: torch.Tensor, csum: torch.Tensor):
+    """After the token at position n (B,): the rows completing a segment cache S (B, *state) at the slot of boundary
+    j = (n + 1) / U in cached_states (B, N, *state) (grown as needed; `segments.cache_slot`) and csum at its slot of
+    csum_at (B, N + 1, ...)."""
     B = n.shape[0]
-    # A completed segment joins the cache: slot j - 1 of boundary j = (n + 1) / U.
+    U = spec.segment_size
     push = (n + 1) % U == 0
-    if bool(push.any()):
+    if bool(push.any()):  # host sync: whether any row completes a segment
         j = (n + 1) // U
-        need = int(j[push].max())
+        need = n_slots(int(j[push].max()), spec.segmentation)
         if need > cached_states.shape[1]:
             grow = need - cached_states.shape[1]
             cached_states = torch.cat([cached_states, cached_states.new_zeros(B, grow, *cached_states.shape[2:])], 1)
             csum_at = torch.cat([csum_at, csum_at.new_zeros(B, grow, *csum_at.shape[2:])], 1)
         rows = push.nonzero(as_tuple=True)[0]
-        cached_states = cached_states.index_put((rows, j[rows] - 1), S[rows])
-        csum_at = csum_at.index_put((rows, j[rows]), csum[rows])
+        slot = cache_slot(j[rows], spec.segmentation)
+        cached_states = cached_states.index_put((rows, slot), S[rows])
+        csum_at = csum_at.index_put((rows, slot + 1), csum[rows])
     return cached_states, csum_at
