@@ -42,6 +42,17 @@ def check_document_isolation(mixer: nn.Module, x: torch.Tensor, lengths: list[in
         start += n
 
 
+def check_left_padding(mixer: nn.Module, x: torch.Tensor, atol: float) -> None:
+    """x (2, 12, d): row 1 left-padded by 5 positions (model/cache.py "start"), fed as a prefill of 3, one of 6 (both
+    rows crossing into real tokens at different points) and 3 single tokens: the padded row equals its real tokens
+    alone, and the unpadded row equals a plain forward."""
+    cache = {"start": torch.tensor([0, 5])}
+    y = torch.cat([mixer(x[:, :3], cache=cache), mixer(x[:, 3:9], cache=cache)]
+                  + [mixer(x[:, t : t + 1], cache=cache) for t in range(9, 12)], 1)  # fmt: skip
+    torch.testing.assert_close(y[1:, 5:], mixer(x[1:, 5:]), rtol=atol, atol=atol)
+    torch.testing.assert_close(y[:1], mixer(x[:1]), rtol=atol, atol=atol)
+
+
 def random_docs(B: int, T: int, n_bounds: int, gen: torch.Generator) -> torch.Tensor:
     """Nondecreasing document ids with up to n_bounds random boundaries per row."""
     starts = torch.zeros(B, T, dtype=torch.long)

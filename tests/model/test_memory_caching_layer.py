@@ -14,7 +14,7 @@ from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
 from fm_pretrain.model.layers.gla import GatedLinearAttention
 from fm_pretrain.model.layers.mamba2 import Mamba2
 from fm_pretrain.model.memory_caching import MemoryCaching
-from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation
+from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation, check_left_padding
 
 D = 16
 BASES = {
@@ -105,11 +105,7 @@ def test_cached_decoding_grows_the_cache_and_documents_are_isolated(base, cachin
 def test_left_padding_is_an_identity(base, caching):
     layer = make(base, caching).eval()
     x = torch.randn(2, 12, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    cache = {"start": torch.tensor([0, 5])}
-    y = torch.cat([layer(x[:, :3], cache=cache), layer(x[:, 3:9], cache=cache)]
-                  + [layer(x[:, t : t + 1], cache=cache) for t in range(9, 12)], 1)  # fmt: skip
-    torch.testing.assert_close(y[1:, 5:], layer(x[1:, 5:]), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(y[:1], layer(x[:1]), rtol=1e-10, atol=1e-10)
+    check_left_padding(layer, x, atol=1e-10)
 
 
 @pytest.mark.parametrize("base", list(BASES))

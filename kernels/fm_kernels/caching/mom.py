@@ -40,9 +40,9 @@ from ..gated_delta.naive import gated_delta_step
 from ..mom import Pairs, combine_reads, mom_step
 from ..varlen import ScanResult, build_layout, from_chunks, to_chunks, varlen_chunk_scan
 from .chunk import CachingState, _items, _last_document_state, compact, document_positions, segment_weights
-from .naive import CachingSpec, mix_weights
+from .naive import CachingSpec, token_weights
 from .reads import state_reads
-from .segments import boundaries, cache_slot, segment_start, stored_boundaries, width_for
+from .segments import boundaries, cache_slot, stored_boundaries, width_for
 from .step import cache_bytes, empty_state, push_completed, step_weights
 
 
@@ -123,17 +123,7 @@ def naive_mom_caching(
                 o_sh, S_sh = _step(S_sh, qt, k_sh, v_sh, g_sh, b_sh)
                 o = o + o_sh[0].to(dt)
             csum = csum + desc[b, :, t].to(dt)
-            c = n // U
-            js = [int(j) for j in boundaries(torch.tensor(c), spec.segmentation, width_for(c, spec.segmentation)) if j]
-            descs = []
-            for j in js:
-                s = int(segment_start(torch.tensor(j), spec.segmentation))
-                descs.append((csum_at[j] - csum_at[s]) / ((j - s) * U))
-            d0 = (csum - csum_at[c]) / (n - c * U + 1)
-            ut = u[b, :, t].to(dt)
-            z0 = (ut * d0).sum(-1)
-            z = torch.stack([(ut * d).sum(-1) for d in descs], -1) if js else ut.new_zeros(H, 0)
-            w0, w = mix_weights(z0, z, torch.ones_like(z, dtype=torch.bool), spec, cached_bias)
+            js, w0, w = token_weights(u[b, :, t].to(dt), csum, csum_at, n, spec, cached_bias)
             y = w0[:, None] * o
             for a, j in enumerate(js):
                 Sj, Sj_sh = cached[j]

@@ -61,6 +61,25 @@ def mix_weights(z0: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, spec: Ca
     return gamma[..., 0], gamma[..., 1:]
 
 
+def token_weights(u_t: torch.Tensor, csum: torch.Tensor, csum_at: dict, n: int, spec: CachingSpec,
+                  cached_bias: float = 0.0) -> tuple[list[int], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The per-token references' weights for one token at document position n: u_t (H, D), csum (H, D) the sum of
+    desc over the document so far (this token included), csum_at {boundary j: that sum at position j U}. Returns the
+    cached boundaries js (host ints, increasing), w0 (H,) and w (H, len(js))."""
+    U = spec.segment_size
+    c = n // U
+    js = [int(j) for j in boundaries(torch.tensor(c), spec.segmentation, width_for(c, spec.segmentation)) if j]
+    descs = []
+    for j in js:
+        s = int(segment_start(torch.tensor(j), spec.segmentation))
+        descs.append((csum_at[j] - csum_at[s]) / ((j - s) * U))
+    d0 = (csum - csum_at[c]) / (n - c * U + 1)
+    z0 = (u_t * d0).sum(-1)  # (H,)
+    z = torch.stack([(u_t * d).sum(-1) for d in descs], -1) if js else u_t.new_zeros(u_t.shape[0], 0)
+    w0, w = mix_weights(z0, z, torch.ones_like(z, dtype=torch.bool), spec, cached_bias)
+    return js, w0, w
+
+
 def naive_memory_caching(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,17 +116,7 @@ def naive_memory_caching(
             else:
                 o, S = gated_delta_step(S, *args, beta[b : b + 1, :, t])
             csum = csum + desc[b, :, t].to(dt)
-            c = n // U
-            js = [int(j) for j in boundaries(torch.tensor(c), spec.segmentation, width_for(c, spec.segmentation)) if j]
-            descs = []
-            for j in js:
-                s = int(segment_start(torch.tensor(j), spec.segmentation))
-                descs.append((csum_at[j] - csum_at[s]) / ((j - s) * U))
-            d0 = (csum - csum_at[c]) / (n - c * U + 1)
-            ut = u[b, :, t].to(dt)
-            z0 = (ut * d0).sum(-1)  # (H,)
-            z = torch.stack([(ut * d).sum(-1) for d in descs], -1) if js else ut.new_zeros(H, 0)
-            w0, w = mix_weights(z0, z, torch.ones_like(z, dtype=torch.bool), spec, cached_bias)
+            js, w0, w = token_weights(u[b, :, t].to(dt), csum, csum_at, n, spec, cached_bias)
             qt = q[b, :, t].to(dt)
             if spec.aggregation == "soup":  # interpolate the memories, then read once
                 mixed = w0[:, None, None] * S[0] + sum(w[:, i, None, None] * cached[j] for i, j in enumerate(js))
