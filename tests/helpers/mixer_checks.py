@@ -42,6 +42,26 @@ def check_document_isolation(mixer: nn.Module, x: torch.Tensor, lengths: list[in
         start += n
 
 
+def check_against_reference(layer: nn.Module, fast, reference, x: torch.Tensor, w: torch.Tensor,
+                            nonzero: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """fast(x) and reference(x) (B, T, d) -> y: y, the gradient of sum(y * w) with respect to x and to every parameter
+    of `layer` agree (fp64: rtol 1e-9, atol 1e-10; a parameter without a gradient counts as zero). nonzero: every
+    reference gradient must be non-zero somewhere (nothing is vacuously equal). Returns the fast path's values by
+    name ("y", "d x", "d <parameter>")."""
+    results = []
+    for fn in (fast, reference):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        (y * w).sum().backward()
+        results.append([y, xi.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in layer.parameters()])
+    names = ["y", "d x"] + [f"d {n}" for n, _ in layer.named_parameters()]
+    for n, got, want in zip(names, *results):
+        assert not nonzero or want.abs().max() > 0, n
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
+    return dict(zip(names, results[0]))
+
+
 def check_left_padding(mixer: nn.Module, x: torch.Tensor, atol: float) -> None:
     """x (2, 12, d): row 1 left-padded by 5 positions (model/cache.py "start"), fed as a prefill of 3, one of 6 (both
     rows crossing into real tokens at different points) and 3 single tokens: the padded row equals its real tokens

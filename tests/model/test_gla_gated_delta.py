@@ -10,7 +10,7 @@ from fm_kernels.gated_delta import naive_gated_delta
 from fm_pretrain.config import GatedDeltaConfig, GLAConfig
 from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
 from fm_pretrain.model.layers.gla import GatedLinearAttention
-from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation
+from tests.helpers.mixer_checks import check_against_reference, check_cached_decoding, check_document_isolation
 
 D = 16
 VARIANTS = {
@@ -54,17 +54,7 @@ def test_layer_matches_per_step_reference_with_gradients(name):
     x = torch.randn(2, 11, D, dtype=torch.float64, generator=gen)
     w = torch.randn(2, 11, D, dtype=torch.float64, generator=gen)
     doc = torch.tensor([[0] * 5 + [1] * 6, [0] * 2 + [1] * 9])  # T = 11 is not a multiple of the chunk (4)
-    results = []
-    for fn in (lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc)):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        (y * w).sum().backward()
-        results.append([y, xi.grad] + [p.grad for p in layer.parameters()])
-    names = ["y", "d x"] + [f"d {n}" for n, _ in layer.named_parameters()]
-    for n, got, want in zip(names, *results):
-        assert want.abs().max() > 0, n
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
+    check_against_reference(layer, lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc), x, w, nonzero=True)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

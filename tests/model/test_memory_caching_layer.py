@@ -14,7 +14,12 @@ from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
 from fm_pretrain.model.layers.gla import GatedLinearAttention
 from fm_pretrain.model.layers.mamba2 import Mamba2
 from fm_pretrain.model.memory_caching import MemoryCaching
-from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation, check_left_padding
+from tests.helpers.mixer_checks import (
+    check_against_reference,
+    check_cached_decoding,
+    check_document_isolation,
+    check_left_padding,
+)
 
 D = 16
 BASES = {
@@ -68,19 +73,8 @@ def test_layer_equals_per_token_reference_with_gradients(base, caching):
     x = torch.randn(2, 15, D, dtype=torch.float64, generator=gen)
     w = torch.randn(2, 15, D, dtype=torch.float64, generator=gen)
     doc = torch.tensor([[0] * 6 + [1] * 9, [0] * 15])
-    results = []
-    for fn in (lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc)):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        (y * w).sum().backward()
-        results.append(
-            [y, xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
-        )
-    names = ["y", "d x"] + [f"d {n}" for n, _ in layer.named_parameters()]
-    for n, got, want in zip(names, *results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
-    assert results[0][0].abs().max() > 0 and results[0][1].abs().max() > 0
+    got = check_against_reference(layer, lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc), x, w)
+    assert got["y"].abs().max() > 0 and got["d x"].abs().max() > 0
 
 
 @pytest.mark.parametrize("base,caching", COMBOS)

@@ -11,7 +11,12 @@ from fm_kernels.caching.segments import n_slots
 from fm_pretrain.config import ConfigError, MemoryCachingConfig, MoMConfig
 from fm_pretrain.model.layers.mom import MixtureOfMemories
 from fm_pretrain.model.memory_caching import MemoryCaching
-from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation, check_left_padding
+from tests.helpers.mixer_checks import (
+    check_against_reference,
+    check_cached_decoding,
+    check_document_isolation,
+    check_left_padding,
+)
 
 D = 16
 BASES = {
@@ -69,18 +74,7 @@ def test_layer_equals_per_token_reference_with_gradients(base, caching):
     x = torch.randn(2, 13, D, dtype=torch.float64, generator=gen)
     w = torch.randn(2, 13, D, dtype=torch.float64, generator=gen)
     doc = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
-    results = []
-    for fn in (lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc)):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        (y * w).sum().backward()
-        results.append(
-            [y, xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
-        )
-    names = ["y", "d x"] + [f"d {n}" for n, _ in layer.named_parameters()]
-    for n, got, want in zip(names, *results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
+    check_against_reference(layer, lambda xi: layer(xi, doc), lambda xi: reference(layer, xi, doc), x, w)
 
 
 @pytest.mark.parametrize("base,caching", [("gla_shared", "grm"), ("delta_conv", "ssc_keys"),

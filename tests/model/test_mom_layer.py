@@ -10,7 +10,7 @@ from fm_kernels.gated_delta import naive_gated_delta
 from fm_kernels.mom import naive_mom
 from fm_pretrain.config import MoMConfig
 from fm_pretrain.model.layers.mom import MixtureOfMemories, balance_loss
-from tests.helpers.mixer_checks import check_cached_decoding, check_document_isolation
+from tests.helpers.mixer_checks import check_against_reference, check_cached_decoding, check_document_isolation
 
 D = 16
 VARIANTS = {  # (M, k) and options
@@ -61,21 +61,10 @@ def test_layer_equals_dense_reference_with_gradients(name):
     x = torch.randn(2, 11, D, dtype=torch.float64, generator=gen)
     w = torch.randn(2, 11, D, dtype=torch.float64, generator=gen)
     doc = torch.tensor([[0] * 5 + [1] * 6, [0] * 2 + [1] * 2 + [2] * 7])
-    results = []
-    for fn in (lambda xi: layer(xi, doc), lambda xi: dense_reference(layer, xi, doc)):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        (y * w).sum().backward()
-        results.append(
-            [y, xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
-        )
-    names = ["y", "d x"] + [f"d {n}" for n, _ in layer.named_parameters()]
-    for n, got, want in zip(names, *results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
+    got = check_against_reference(layer, lambda xi: layer(xi, doc), lambda xi: dense_reference(layer, xi, doc), x, w)
     # the router learns from the lm loss through the weights when 1 < k < M (k = 1: the kept weight is exactly 1)
     if 1 < layer.top_k < layer.n_memories:
-        assert results[0][names.index("d router.weight")].abs().max() > 0
+        assert got["d router.weight"].abs().max() > 0
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
