@@ -99,6 +99,9 @@ class GatedDeltaConfig:
     chunk_size: int = 64
     dt_min: float = 0.001  # initial softplus(dt_bias) log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
+    # the chunked path: torch (ours, every device) or fla (flash-linear-attention's Triton kernel, CUDA, optional
+    # dependency); auto: fla on CUDA when it imports, else torch. FM_PRETRAIN_KERNELS=torch|triton overrides.
+    backend: Literal["auto", "torch", "fla"] = "auto"
 
 
 @dataclass

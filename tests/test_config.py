@@ -205,6 +205,11 @@ def test_preflight_checks_the_machine_naming_the_key(tmp_path, monkeypatch):
         ({"parallel": {"tensor_parallel": 2}, "model": {"fm": {"n_heads": 2}}}, 3, "parallel.tensor_parallel"),
         ({"downstream": {"enabled": True, "tasks": "hellaswag,mmlu"}}, 1, "downstream.tasks"),
         ({"model": {"fm": {"backend": "triton"}}}, 1, "model.fm.backend"),
+        (
+            {"model": {"layer_pattern": ["gated_delta"], "gated_delta": {"backend": "fla"}}},
+            1,
+            "model.gated_delta.backend",
+        ),
         ({"train": {"ds_config": "ds_configs/zero9.json"}}, 1, "train.ds_config"),
         ({"data": {"path": "", "tokenizer": ""}}, 1, "data.path"),
     ]

@@ -8,7 +8,8 @@ at once with one line naming the key instead of hanging in a collective or dying
 - `train.ds_config`: found, valid JSON, no clash with the batch keys the YAML owns, its ZeRO stage;
 - the ZeRO stage against `downstream.enabled` (ZeRO-3 leaves no rank with whole weights to score);
 - `downstream.tasks`: every name known;
-- `model.fm.backend` against the device (Triton needs CUDA, or the interpreter);
+- `model.fm.backend` against the device (Triton needs CUDA, or the interpreter), `model.gated_delta.backend`
+  (fla needs CUDA and flash-linear-attention);
 - `data.path` or `data.blend`: one of them set.
 """
 
@@ -77,6 +78,13 @@ def _check_downstream(cfg: ExperimentConfig, stage: int) -> None:
 
 
 def _check_backend(cfg: ExperimentConfig, device: torch.device) -> None:
+    if "gated_delta" in cfg.model.layer_pattern:
+        from fm_kernels.gated_delta import resolve_delta_backend
+
+        try:
+            resolve_delta_backend(cfg.model.gated_delta.backend, device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"model.gated_delta.backend: {e}") from None
     if "fm" not in cfg.model.layer_pattern:
         return
     from fm_kernels.fm import resolve_backend

@@ -7,8 +7,10 @@ alone), q and k L2-normalised and q scaled by 1/sqrt(K):
     S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t,
     y_t = W_o (RMSNorm(o_t) * silu(W_gate x_t))
 
-Training and prefill use the chunked WY / UT-transform path (`fm_kernels.gated_delta.chunk_gated_delta`,
-PyTorch on every device for now); decoding the per-step update. The state restarts at every document start.
+Training and prefill use the chunked path on the backend `cfg.backend` (`fm_kernels.gated_delta.gated_delta`:
+`torch`, our WY / UT-transform `chunk_gated_delta`; `fla`, flash-linear-attention's Triton kernel on CUDA;
+`auto`, fla on CUDA when it imports, else torch); decoding always our per-step update. The state restarts at
+every document start.
 
 Initialisation (as the reference): A = exp(A_log) uniform in [1, 16]; softplus(dt_bias) log-uniform in
 [dt_min, dt_max]; both separate parameters, not decayed.
@@ -22,6 +24,7 @@ A_log, dt_bias and the norm weight are split by head, W_o by its input.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -29,13 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_kernels.gated.naive import state_dtype
-from fm_kernels.gated_delta import chunk_gated_delta, gated_delta_step
+from fm_kernels.gated_delta import gated_delta, gated_delta_step, resolve_delta_backend
 from fm_pretrain.config import GatedDeltaConfig
 from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.model.layers.linear_memory import HeadOutput, MemoryInputs, identity_at, l2_normalize
 from fm_pretrain.model.layers.short_conv import ShortConv
 from fm_pretrain.parallel.layers import column_linear, split_param
 from fm_pretrain.parallel.sharding import local_size
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -74,6 +79,7 @@ class GatedDeltaNet(nn.Module):
         init_decay_parameters(self.A_log, self.dt_bias, cfg.dt_min, cfg.dt_max)
         self.conv = ShortConv((H_all * K, H_all * K, H_all * V), cfg.d_conv, tp) if cfg.short_conv else None
         self.out = HeadOutput(d_model, H_all, V, cfg.output_gate, norm_eps, tp)
+        self.backend: str | None = None  # cfg.backend resolved on the first forward's device
 
     def memory_inputs(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: dict | None) -> MemoryInputs:
         """x (B, T, d_model) -> q, k (B, H, T, K) (L2-normalised, q scaled), v (B, H, T, V), g, beta (B, H, T) in
@@ -101,6 +107,10 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """x (B, T, d_model), doc_ids (B, T) -> y (B, T, d_model). With a cache dict: T > 1 (or no state yet) runs
         the chunked path from the cached state and stores the final state; T = 1 with a state takes one step."""
+        if self.backend is None:
+            self.backend = resolve_delta_backend(self.cfg.backend, x.device)
+            if self.layer_idx == 0:
+                log.info("Gated DeltaNet layers use the '%s' backend on %s", self.backend, x.device)
         inp = self.memory_inputs(x, doc_ids, cache)
         state = None if cache is None else cache.get("state")
         if state is not None and x.shape[1] == 1:
@@ -109,9 +119,9 @@ class GatedDeltaNet(nn.Module):
             )
             o = o.unsqueeze(2)
         else:
-            o, final = chunk_gated_delta(
+            o, final = gated_delta(
                 q=inp.q, k=inp.k, v=inp.v, g=inp.g, beta=inp.beta, doc_ids=doc_ids, initial_state=state,
-                output_final_state=cache is not None, chunk_size=self.cfg.chunk_size,
+                output_final_state=cache is not None, chunk_size=self.cfg.chunk_size, backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 cache["state"] = final

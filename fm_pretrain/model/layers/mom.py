@@ -49,7 +49,7 @@ from torch import nn
 from fm_kernels.fm.routing import at_least_fp32, topk_route
 from fm_kernels.gated import gated_recurrence, gated_recurrence_step, resolve_backend
 from fm_kernels.gated.naive import state_dtype
-from fm_kernels.gated_delta import chunk_gated_delta, gated_delta_step
+from fm_kernels.gated_delta import gated_delta, gated_delta_step, resolve_delta_backend
 from fm_kernels.mom import canonical_routing, combine_reads, group_pairs, mom_scan, mom_step
 from fm_pretrain.config import MoMConfig
 from fm_pretrain.model.cache import advance, pad_positions
@@ -211,7 +211,8 @@ class MixtureOfMemories(nn.Module):
         parallel path from the cached states and stores the final ones; T = 1 with states decodes one token."""
         B, T, _ = x.shape
         if self.backend is None:
-            self.backend = resolve_backend("auto", x.device)
+            resolve = resolve_delta_backend if self.delta else resolve_backend  # shared memory: fla / Triton on CUDA
+            self.backend = resolve("auto", x.device)
             if self.layer_idx == 0:
                 log.info("MoM layers use the '%s' backend for the shared memory on %s", self.backend, x.device)
         pad = pad_positions(cache, T, x.device)
@@ -308,7 +309,9 @@ class MixtureOfMemories(nn.Module):
             return o.unsqueeze(2)
         common = dict(doc_ids=doc_ids, initial_state=state, output_final_state=cache is not None)
         if self.delta:
-            o, final = chunk_gated_delta(inp.q, inp.k, inp.v, inp.g, inp.beta, chunk_size=self.cfg.chunk_size, **common)
+            o, final = gated_delta(
+                inp.q, inp.k, inp.v, inp.g, inp.beta, chunk_size=self.cfg.chunk_size, backend=self.backend, **common
+            )
         else:
             o, final = gated_recurrence(
                 q=inp.q, k=inp.k, v=inp.v, g=inp.g, chunk_size=self.cfg.chunk_size, backend=self.backend, **common
