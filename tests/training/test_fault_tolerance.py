@@ -61,7 +61,12 @@ def start(packed: Path, run_dir: Path, *overrides: str, nproc: int = 2, env: dic
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 (closed with the process)
     cmd = train_command(CONFIG, [*args, *SMALL, *overrides], nproc)
-    return subprocess.Popen(cmd, env=train_env(env), stdout=log, stderr=subprocess.STDOUT)
+    # One thread per rank whatever nproc (torchrun sets it only for nproc > 1): runs of different DP sizes are
+    # compared to 1e-12, so each should do the same per-rank arithmetic. A full run once saw one micro-batch loss
+    # 1 fp32 ulp apart between the 1-rank run (then on 2 threads) and the 2-rank reference, under heavy load; the
+    # cause was not pinned down, and equal thread counts remove the one difference the two launches had.
+    return subprocess.Popen(cmd, env=train_env({"OMP_NUM_THREADS": "1", **(env or {})}), stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def kill_job(proc: subprocess.Popen) -> None:
