@@ -72,7 +72,15 @@ def fake_chunk_gated_delta_rule(
 
 @pytest.fixture
 def fake_fla(monkeypatch):
-    monkeypatch.setattr(fla_adapter, "_fla_op", lambda device: fake_chunk_gated_delta_rule)
+    """The stand-in in place of fla's op; returns the list of its calls (one entry per call)."""
+    calls: list[int] = []
+
+    def op(*args, **kwargs):
+        calls.append(1)
+        return fake_chunk_gated_delta_rule(*args, **kwargs)
+
+    monkeypatch.setattr(fla_adapter, "_fla_op", lambda device: op)
+    return calls
 
 
 def run_with_grads(fn, inputs, doc, w_o, w_f, **kw):
@@ -129,8 +137,10 @@ def test_layer_takes_the_configured_backend(fake_fla):
         for backend in ("torch", "fla"):
             layer.backend = backend
             cache: dict = {}
+            before = len(fake_fla)
             y = layer(x[:, :10], doc[:, :10], cache)
             outs.append(torch.cat([y, layer(x[:, 10:], None, cache)], dim=1))
+            assert len(fake_fla) - before == (backend == "fla")  # the prefill went through fla, the decode step not
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     assert GatedDeltaNet(32, cfg)(x).shape == x.shape  # auto on CPU resolves to torch
     with pytest.raises(ValueError, match="model.gated_delta.backend"):

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_kernels.gated import gated_recurrence, gated_recurrence_step, resolve_backend
+from fm_kernels.gated import resolve_backend
 from fm_kernels.gated.naive import state_dtype
 from fm_pretrain.config import GLAConfig
 from fm_pretrain.model.cache import advance, pad_positions
-from fm_pretrain.model.layers.linear_memory import HeadOutput, MemoryInputs, identity_at
+from fm_pretrain.model.layers.linear_memory import HeadOutput, MemoryInputs, identity_at, run_memory
 from fm_pretrain.model.layers.short_conv import ShortConv
 from fm_pretrain.parallel.layers import column_linear, split_param
 from fm_pretrain.parallel.sharding import local_size
@@ -88,19 +88,6 @@ class GatedLinearAttention(nn.Module):
             self.backend = resolve_backend(self.cfg.backend, x.device)
             if self.layer_idx == 0:
                 log.info("GLA layers use the '%s' backend on %s", self.backend, x.device)
-        inp = self.memory_inputs(x, doc_ids, cache)
-        state = None if cache is None else cache.get("state")
-        if state is not None and x.shape[1] == 1:
-            o, cache["state"] = gated_recurrence_step(
-                state, inp.q[:, :, 0], inp.k[:, :, 0], inp.v[:, :, 0], inp.g[:, :, 0]
-            )
-            o = o.unsqueeze(2)
-        else:
-            o, final = gated_recurrence(
-                q=inp.q, k=inp.k, v=inp.v, g=inp.g, doc_ids=doc_ids, initial_state=state,
-                output_final_state=cache is not None, chunk_size=self.cfg.chunk_size, backend=self.backend,
-            )  # fmt: skip
-            if cache is not None:
-                cache["state"] = final
+        o = run_memory(self.memory_inputs(x, doc_ids, cache), doc_ids, cache, self.cfg.chunk_size, self.backend)
         advance(cache, x.shape[1])
         return self.memory_output(o.to(x.dtype), x)

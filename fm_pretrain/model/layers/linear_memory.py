@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from fm_kernels.fm.routing import at_least_fp32
+from fm_kernels.gated import gated_recurrence, gated_recurrence_step
+from fm_kernels.gated_delta import gated_delta, gated_delta_step
 from fm_pretrain.model.layers.norm import head_readout
 from fm_pretrain.parallel.layers import column_linear, row_linear, split_param
 
@@ -52,6 +54,35 @@ def identity_at(inputs: MemoryInputs, pad: torch.Tensor | None) -> MemoryInputs:
     g = inputs.g.masked_fill(head if inputs.g.dim() == 3 else head[..., None], 0.0)
     beta = None if inputs.beta is None else inputs.beta.masked_fill(head, 0.0)
     return inputs._replace(k=inputs.k.masked_fill(head[..., None], 0.0), g=g, beta=beta)
+
+
+def run_memory(
+    inp: MemoryInputs, doc_ids: torch.Tensor | None, cache: dict | None, chunk_size: int, backend: str,
+    key: str = "state", decode: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The reads o (B, H, T, V) of one memory: the gated rule (inp.beta None) or the gated delta rule. Decoding
+    (default: a cache holding `cache[key]` and T = 1) takes one step from that state; otherwise the chunked path on
+    `backend` runs from it (or from zero) over the documents of doc_ids, and with a cache the final state is stored
+    under `key`."""
+    state = None if cache is None else cache.get(key)
+    if decode is None:
+        decode = state is not None and inp.q.shape[2] == 1
+    if decode:
+        at = [t[:, :, 0] for t in (inp.q, inp.k, inp.v, inp.g)]
+        if inp.beta is None:
+            o, cache[key] = gated_recurrence_step(state, *at)
+        else:
+            o, cache[key] = gated_delta_step(state, *at, inp.beta[:, :, 0])
+        return o.unsqueeze(2)
+    common = dict(doc_ids=doc_ids, initial_state=state, output_final_state=cache is not None, chunk_size=chunk_size,
+                  backend=backend)  # fmt: skip
+    if inp.beta is None:
+        o, final = gated_recurrence(q=inp.q, k=inp.k, v=inp.v, g=inp.g, **common)
+    else:
+        o, final = gated_delta(q=inp.q, k=inp.k, v=inp.v, g=inp.g, beta=inp.beta, **common)
+    if cache is not None:
+        cache[key] = final
+    return o
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -47,14 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_kernels.fm.routing import at_least_fp32, topk_route
-from fm_kernels.gated import gated_recurrence, gated_recurrence_step, resolve_backend
+from fm_kernels.gated import resolve_backend
 from fm_kernels.gated.naive import state_dtype
-from fm_kernels.gated_delta import gated_delta, gated_delta_step, resolve_delta_backend
+from fm_kernels.gated_delta import resolve_delta_backend
 from fm_kernels.mom import canonical_routing, combine_reads, group_pairs, mom_scan, mom_step
 from fm_pretrain.config import MoMConfig
 from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.model.layers.gated_delta import delta_gates, init_decay_parameters
-from fm_pretrain.model.layers.linear_memory import HeadOutput, MemoryInputs, identity_at, l2_normalize
+from fm_pretrain.model.layers.linear_memory import HeadOutput, MemoryInputs, identity_at, l2_normalize, run_memory
 from fm_pretrain.model.layers.short_conv import ShortConv, causal_conv
 from fm_pretrain.parallel.layers import column_linear, split_param
 from fm_pretrain.parallel.sharding import local_size
@@ -300,25 +300,7 @@ class MixtureOfMemories(nn.Module):
     def _shared_memory(self, x, q, doc_ids, cache, pad, decode: bool) -> torch.Tensor:
         """The memory every token writes and reads, unweighted. -> (B, H, T, V)."""
         inp = self.shared_inputs(x, q, doc_ids, cache, pad)
-        state = None if cache is None else cache.get("shared_state")
-        if decode:
-            if self.delta:
-                o, cache["shared_state"] = gated_delta_step(state, *(t[:, :, 0] for t in inp[:5]))
-            else:
-                o, cache["shared_state"] = gated_recurrence_step(state, *(t[:, :, 0] for t in inp[:4]))
-            return o.unsqueeze(2)
-        common = dict(doc_ids=doc_ids, initial_state=state, output_final_state=cache is not None)
-        if self.delta:
-            o, final = gated_delta(
-                inp.q, inp.k, inp.v, inp.g, inp.beta, chunk_size=self.cfg.chunk_size, backend=self.backend, **common
-            )
-        else:
-            o, final = gated_recurrence(
-                q=inp.q, k=inp.k, v=inp.v, g=inp.g, chunk_size=self.cfg.chunk_size, backend=self.backend, **common
-            )
-        if cache is not None:
-            cache["shared_state"] = final
-        return o
+        return run_memory(inp, doc_ids, cache, self.cfg.chunk_size, self.backend, key="shared_state", decode=decode)
 
     def shared_inputs(self, x, q, doc_ids, cache, pad) -> MemoryInputs:
         """The shared memory's recurrence inputs, head-major (B, H, T, .), identity steps at padding (its conv window
