@@ -146,6 +146,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 export, io = sys.argv[2], json.loads(open(sys.argv[3]).read())
 torch.set_num_threads(int(sys.argv[4]))  # the parent's: the same split of each sum, so the same bits
+torch.set_float32_matmul_precision(sys.argv[5])  # the parent's (a library may have lowered it there)
 tok = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
 enc = tok(io["texts"], return_tensors="pt", padding=True)
@@ -169,14 +170,14 @@ def test_export_loads_in_a_fresh_process_without_fm_pretrain(mixer_run, tmp_path
     io = {"texts": texts, "ids": ids.tolist(), "out": str(tmp_path / "out.pt")}
     (tmp_path / "io.json").write_text(json.dumps(io))
     # The comparison is exact up to 1e-5, so the child must do the same arithmetic as this process: same thread
-    # count and the same CPU-dispatch settings. Otherwise a last-bit difference can flip a near-tie in the sparse
-    # router's top-k and move later logits by 1e-4 (seen in CI on another machine).
+    # count, fp32 matmul precision and CPU-dispatch settings. This random model (init_std 0.2, sparse top-k) turns
+    # last-bit differences into large ones: CI on another machine once saw 3.5e-4 before these were passed on.
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "HOME": str(tmp_path)} | {k: v for k, v in os.environ.items() if k.startswith(NUMERICS_ENV)}  # fmt: skip
     site = sysconfig.get_paths()["purelib"]
     proc = subprocess.run(
         [sys.executable, "-I", "-S", "-c", FRESH, site, str(export_dir), str(tmp_path / "io.json"),
-         str(torch.get_num_threads())],
+         str(torch.get_num_threads()), torch.get_float32_matmul_precision()],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
