@@ -2,6 +2,7 @@
 
     python bench/memory_family.py mom     [--json out.json]   # MoM time vs M at k = 2, vs k at M = 16
     python bench/memory_family.py caching [--json out.json]   # FM vs FM + Memory Caching (SSC, GRM) vs context
+    python bench/memory_family.py caching --bases fm mamba2 mom   # the same around Mamba-2 and MoM too
 
 mom: a MixtureOfMemories layer (GLA inner rule, no shared memory so that only the routed memories count; d_model
 256, 4 heads, K = V = 32, chunk 32), B = 1, T = 2048 tokens (--tokens). Rows: M in {4, 8, 16, 32} at k = 2, and
@@ -11,7 +12,9 @@ over all M memories (what the O(k) grouping avoids). Goal: the time grows with k
 caching: a sparse FM layer (d_model 256, 4 heads, m = 32, k = 8, d_mem 64, chunk 64, the chunked PyTorch path:
 `model.fm.backend=torch`, the path Memory Caching also runs on) alone and wrapped in Memory Caching (segments of
 256 tokens, checkpoint states) with SSC (top-2 segments) and GRM, B = 1, T in {1024, 2048, 4096} (--contexts).
-Goals: FM + SSC within 1.5x of FM at 4K; GRM's cost against SSC's as the context grows.
+Goals: FM + SSC within 1.5x of FM at 4K; GRM's cost against SSC's as the context grows. `--bases mamba2 mom`: the
+same around a Mamba-2 layer (d_state 64, head_dim 64, expand 2, chunk 64) and a MoM layer (M = 8, k = 2, shared
+memory, 4 heads, K = V = 32, chunk 32).
 
 Each time is the minimum of --repeat runs after one warm-up run (fp32; torch's default threads on CPU). --clock
 wall (default) measures wall time; --clock cpu the process's CPU time (all its threads), which other processes
@@ -31,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fm_pretrain.config import FMConfig, MemoryCachingConfig, MoMConfig  # noqa: E402
+from fm_pretrain.config import FMConfig, Mamba2Config, MemoryCachingConfig, MoMConfig  # noqa: E402
 from fm_pretrain.model.layers.fm import FactorizationMemory  # noqa: E402
+from fm_pretrain.model.layers.mamba2 import Mamba2  # noqa: E402
 from fm_pretrain.model.layers.mom import MixtureOfMemories  # noqa: E402
 from fm_pretrain.model.memory_caching import MemoryCaching  # noqa: E402
 
@@ -81,24 +85,35 @@ def mom_rows(tokens: int, repeat: int, device: str) -> list[dict]:
     return rows
 
 
-def caching_rows(contexts: list[int], repeat: int, device: str) -> list[dict]:
-    torch.manual_seed(0)
-    fm_cfg = FMConfig(n_heads=4, n_memories=32, d_mem=64, top_k=8, chunk_size=64, backend="torch")
+def caching_base(base: str) -> torch.nn.Module:
+    """The layer Memory Caching wraps in the `caching` bench (module docstring)."""
+    if base == "fm":
+        cfg = FMConfig(n_heads=4, n_memories=32, d_mem=64, top_k=8, chunk_size=64, backend="torch")
+        return FactorizationMemory(D_MODEL, cfg)
+    if base == "mamba2":
+        return Mamba2(D_MODEL, Mamba2Config(d_state=64, head_dim=64, n_groups=1, chunk_size=64), 0, 1e-5)
+    return MixtureOfMemories(D_MODEL, MoMConfig(n_memories=8, top_k=2, n_heads=4, d_key=32, d_value=32, chunk_size=32))
+
+
+def caching_rows(contexts: list[int], repeat: int, device: str, bases: list[str]) -> list[dict]:
     rows = []
-    for T in contexts:
-        x = torch.randn(1, T, D_MODEL, device=device)
-        times = {}
-        for name in ("fm", "fm+ssc", "fm+grm"):
-            torch.manual_seed(1)
-            layer = FactorizationMemory(D_MODEL, fm_cfg)
-            if name != "fm":
-                agg = name.split("+")[1]
-                mc = MemoryCachingConfig(mixers=["fm"], aggregation=agg, segment_size=256, top_k_segments=2)
-                layer = MemoryCaching(layer, mc, D_MODEL)
-            times[name] = fwd_bwd_seconds(layer.to(device), x, repeat)
-            print(f"caching {name:7s} T={T:5d}: {times[name] * 1e3:8.1f} ms", flush=True)
-        for name, s in times.items():
-            rows.append({"bench": "caching", "layer": name, "tokens": T, "seconds": s, "vs_fm": s / times["fm"]})
+    for base in bases:
+        for T in contexts:
+            torch.manual_seed(0)
+            x = torch.randn(1, T, D_MODEL, device=device)
+            times = {}
+            for agg in ("", "ssc", "grm"):
+                torch.manual_seed(1)
+                layer = caching_base(base)
+                if agg:
+                    mc = MemoryCachingConfig(mixers=[base], aggregation=agg, segment_size=256, top_k_segments=2)
+                    layer = MemoryCaching(layer, mc, D_MODEL)
+                name = f"{base}+{agg}" if agg else base
+                times[name] = fwd_bwd_seconds(layer.to(device), x, repeat)
+                print(f"caching {name:11s} T={T:5d}: {times[name] * 1e3:8.1f} ms", flush=True)
+            for name, s in times.items():
+                rows.append({"bench": "caching", "base": base, "layer": name, "tokens": T, "seconds": s,
+                             "vs_base": s / times[base]})  # fmt: skip
     return rows
 
 
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("what", choices=["mom", "caching", "all"])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--bases", nargs="+", choices=["fm", "mamba2", "mom"], default=["fm"], help="caching: wrapped layers")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
@@ -122,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("mom", "all"):
         rows += mom_rows(args.tokens, args.repeat, args.device)
     if args.what in ("caching", "all"):
-        rows += caching_rows(args.contexts, args.repeat, args.device)
+        rows += caching_rows(args.contexts, args.repeat, args.device, args.bases)
     if args.json:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 

@@ -21,6 +21,7 @@ from fm_kernels.caching import (
     state_reads,
     state_reads_reference,
 )
+from fm_kernels.caching.chunk import ssc_reads_per_token
 from fm_kernels.caching.segments import n_slots
 from fm_kernels.gated import naive_gated_recurrence
 from fm_kernels.gated_delta import naive_gated_delta
@@ -53,6 +54,26 @@ def test_parallel_equals_per_token_reference(aggregation, mode, delta):
     ref = naive_memory_caching(**x, spec=spec, doc_ids=DOC)
     y, _ = memory_caching(**x, spec=spec, doc_ids=DOC, chunk_size=2)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 4], ids=["per_token", "per_chunk"])
+def test_ssc_reads_per_token_and_per_chunk_agree_with_the_reference(chunk):
+    """SSC reads each token's kept segments one by one only when a chunk has more cached segments than
+    C top_k_segments (`ssc_reads_per_token`); otherwise every segment per chunk, the unkept with weight 0. T = 23,
+    segments of 4 (up to 5 cached), top-2: chunk 1 takes the first way, chunk 4 the second; values and gradients."""
+    spec = CachingSpec("ssc", "constant", 4, "checkpoint", 2)
+    assert ssc_reads_per_token(spec, 5, chunk) == (chunk == 1)
+    gen = torch.Generator().manual_seed(31)
+    x = {k: v for k, v in mc_inputs(2, 2, 23, 3, 4, 3, False, torch.float64, gen).items() if v is not None}
+    w = torch.randn(2, 2, 23, 4, dtype=torch.float64, generator=gen)
+    results = []
+    for fn in (lambda **a: memory_caching(**a, chunk_size=chunk)[0], naive_memory_caching):
+        leaves = {k: t.clone().requires_grad_(True) for k, t in x.items()}
+        y = fn(**leaves, spec=spec, doc_ids=DOC)
+        (y * w).sum().backward()
+        results.append([y] + [leaves[k].grad for k in x])
+    for name, got, want in zip(["y", *x], *results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["gated", "delta"])

@@ -10,9 +10,10 @@ boundaries, reads of O(J) cached states per token (same contract as `naive.naive
 2. Each token's cached boundaries J (segments.py: c for constant, popcount(c) for log, with c = n // U), their
    descriptors from prefix sums of `desc` within the document, scores <u_t, c^(j)>, and the aggregation weights.
 3. The reads: residual / grm / soup read every cached segment, the same for all tokens of a chunk, so one
-   (C x K) (K x V) matmul per (chunk, segment); ssc keeps top_k_segments per token and reads them with
-   `reads.state_reads` (O(top_k_segments) states per token, memory bounded by token blocks; sparse FM's reads
-   gather only the token's k rows of each state), plus w_online o_t.
+   (C x K) (K x V) matmul per (chunk, segment); ssc keeps top_k_segments per token and, once a chunk has more
+   cached segments than C top_k_segments (`ssc_reads_per_token`), reads them with `reads.state_reads`
+   (O(top_k_segments) states per token, memory bounded by token blocks), before that as grm does with the unkept
+   weights 0; sparse FM's reads always gather only the token's k rows of each state. Plus w_online o_t.
 
 Cost per token: residual and grm read c ~ n / U states (O(L^2 / U) in all), ssc top_k_segments, log popcount(c).
 """
@@ -125,14 +126,15 @@ def memory_caching(
         d_layout = build_layout(doc_seq, torch.zeros_like(doc_seq), int(doc_seq[-1]) + 1, C)
     w0, w, incl = segment_weights(u, desc, spec, layout, d_layout, n, js, cached_bias, dt)
     index_h = index[:, None, :].expand_as(w)
-    if spec.aggregation == "ssc":  # only the kept segments are read: O(top_k_segments) states per token
-        w, index_h = compact(w, index_h, spec.top_k_segments)
-    if read_rows is not None:  # sparse FM: every read gathers only the token's k rows of each state
-        q_k, rows = read_rows
-        cached = state_reads(_items(q_k).to(dt), table, w, index_h, rows=_items(rows))
-    elif spec.aggregation == "ssc":
-        cached = state_reads(_items(q).to(dt), table, w, index_h)
-    else:  # every token of a chunk reads the same segments: one matmul per (chunk, segment)
+    if read_rows is not None or ssc_reads_per_token(spec, width, C):
+        if spec.aggregation == "ssc":  # only the kept segments are read: O(top_k_segments) states per token
+            w, index_h = compact(w, index_h, spec.top_k_segments)
+        if read_rows is not None:  # sparse FM: every read gathers only the token's k rows of each state
+            q_k, rows = read_rows
+            cached = state_reads(_items(q_k).to(dt), table, w, index_h, rows=_items(rows))
+        else:
+            cached = state_reads(_items(q).to(dt), table, w, index_h)
+    else:  # every token of a chunk reads the same segments: one matmul per (chunk, segment); SSC's unkept are 0
         cached = _chunk_reads(to_chunks(_items(q).to(dt), layout), table, index, to_chunks(w, layout), layout)
     y = (w0[..., None] * online + cached).view(B, T, H, -1).transpose(1, 2).to(q.dtype)
     if not output_state:
@@ -190,6 +192,15 @@ def segment_weights(
     valid_h = valid[:, None, :].expand_as(z)
     w0, w = mix_weights(z0, z, valid_h, spec, cached_bias)
     return w0, w, incl
+
+
+def ssc_reads_per_token(spec: CachingSpec, width: int, chunk: int) -> bool:
+    """Whether SSC reads each token's kept segments one by one (`reads.state_reads`: top_k_segments states per token,
+    C top_k_segments per chunk) rather than every cached segment of the chunk at once (`_chunk_reads`: `width`
+    states per chunk, one matmul each, the unkept segments with weight exactly 0): the former only when it reads
+    fewer states, i.e. when a chunk has more than C top_k_segments cached segments (long contexts). Both give the
+    same y."""
+    return spec.aggregation == "ssc" and width > chunk * spec.top_k_segments
 
 
 def compact(w: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
