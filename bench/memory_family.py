@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("what", choices=["mom", "caching", "all"])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
-    p.add_argument("--bases", nargs="+", choices=["fm", "mamba2", "mom"], default=["fm"], help="caching: wrapped layers")
+    p.add_argument("--bases", nargs="+", choices=["fm", "mamba2", "mom"], default=["fm"], help="caching: the layers")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
