@@ -1,5 +1,6 @@
 """Checks every token mixer must pass (shared by the mixer test files): cached decoding reproduces the
-parallel forward, and documents packed into one sequence do not see each other."""
+parallel forward, and documents packed into one sequence do not see each other; a layer against its reference,
+left padding, the in-process head split that tensor parallelism uses, and cached decoding of a whole LM."""
 
 import torch
 from torch import nn
@@ -71,6 +72,42 @@ def check_left_padding(mixer: nn.Module, x: torch.Tensor, atol: float) -> None:
                   + [mixer(x[:, t : t + 1], cache=cache) for t in range(9, 12)], 1)  # fmt: skip
     torch.testing.assert_close(y[1:, 5:], mixer(x[1:, 5:]), rtol=atol, atol=atol)
     torch.testing.assert_close(y[:1], mixer(x[:1]), rtol=atol, atol=atol)
+
+
+def run_head_split(full: nn.Module, parts: list[nn.Module], d: int) -> None:
+    """The in-process form of tensor parallelism: `parts` hold the heads of `full` between them (weights copied by
+    the caller). On x (2, 9, d) with two documents in row 0, the parts' outputs sum to the full layer's and so does
+    x's gradient; the parameter gradients are left in `.grad` for the caller to compare piece by piece."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, d, dtype=torch.float64, generator=gen)
+    w = torch.randn(2, 9, d, dtype=torch.float64, generator=gen)
+    doc = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = full(xa, doc), sum(part(xb, doc) for part in parts)
+    torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-12)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-12)
+
+
+def check_one_segment_is_the_base(layer: nn.Module, d: int) -> None:
+    """Memory Caching with a segment longer than the sequence caches nothing: the wrapper equals its base mixer on
+    x (2, 13, d) with two documents in row 0."""
+    x = torch.randn(2, 13, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    doc = torch.tensor([[0] * 4 + [1] * 9, [0] * 13])
+    torch.testing.assert_close(layer(x, doc), layer.base(x, doc), rtol=1e-10, atol=1e-10)
+
+
+def check_lm_cached_decoding(lm: nn.Module, vocab: int = 64) -> None:
+    """A decoder LM fed a prefill of 6 tokens and then 9 single tokens through its per-layer caches gives the
+    logits of one parallel forward over the 15 tokens (2 rows)."""
+    ids = torch.randint(0, vocab, (2, 15), generator=torch.Generator().manual_seed(2))
+    full = lm(ids).logits
+    caches = [{} for _ in lm.blocks]
+    pieces = [lm(ids[:, :6], caches=caches).logits] + [
+        lm(ids[:, t : t + 1], caches=caches).logits for t in range(6, 15)
+    ]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
 def random_docs(B: int, T: int, n_bounds: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,12 @@ from fm_kernels.gated_delta import naive_gated_delta
 from fm_pretrain.config import GatedDeltaConfig, GLAConfig
 from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
 from fm_pretrain.model.layers.gla import GatedLinearAttention
-from tests.helpers.mixer_checks import check_against_reference, check_cached_decoding, check_document_isolation
+from tests.helpers.mixer_checks import (
+    check_against_reference,
+    check_cached_decoding,
+    check_document_isolation,
+    run_head_split,
+)
 
 D = 16
 VARIANTS = {
@@ -97,14 +102,7 @@ def test_head_split_reproduces_the_full_layer(name):
                 q.data.copy_(torch.cat([b.chunk(2)[i] for b in blocks]))
             else:
                 q.data.copy_(p.detach().chunk(2, dim=0)[i])
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 9, D, dtype=torch.float64, generator=gen)
-    w = torch.randn(2, 9, D, dtype=torch.float64, generator=gen)
-    doc = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    (full(xa, doc) * w).sum().backward()
-    (sum(part(xb, doc) for part in parts) * w).sum().backward()
-    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-12)
+    run_head_split(full, parts, D)
     for pname, p in full.named_parameters():
         grads = [part.get_parameter(pname).grad for part in parts]
         if pname == "gk_down.weight":

@@ -9,6 +9,7 @@ import torch
 from fm_pretrain.config import from_dict
 from fm_pretrain.model import DecoderLM
 from fm_pretrain.model.flops import recurrence_flops_forward, training_flops_per_token
+from tests.helpers.mixer_checks import check_lm_cached_decoding
 
 MODELS = {
     "gla": dict(layer_pattern=["gla"]),
@@ -71,14 +72,7 @@ def test_changing_document_a_leaves_document_b_logits_unchanged(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_decoding_reproduces_the_parallel_forward(name):
-    lm = tiny_lm(name)
-    ids = torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(2))
-    full = lm(ids).logits
-    caches = [{} for _ in lm.blocks]
-    pieces = [lm(ids[:, :6], caches=caches).logits] + [
-        lm(ids[:, t : t + 1], caches=caches).logits for t in range(6, 15)
-    ]
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
+    check_lm_cached_decoding(tiny_lm(name))
 
 
 def test_generate_is_greedy_continuation_and_left_padding_changes_nothing():

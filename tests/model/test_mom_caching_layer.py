@@ -16,6 +16,7 @@ from tests.helpers.mixer_checks import (
     check_cached_decoding,
     check_document_isolation,
     check_left_padding,
+    check_one_segment_is_the_base,
 )
 
 D = 16
@@ -106,10 +107,7 @@ def test_left_padding_is_an_identity():
 def test_one_segment_is_plain_mom(base):
     """A segment longer than the sequence: nothing is cached, residual and GRM read MoM's online memory alone."""
     for caching in ("grm", "residual_log"):
-        layer = make(base, caching, segment_size=32)
-        x = torch.randn(2, 13, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-        doc = torch.tensor([[0] * 4 + [1] * 9, [0] * 13])
-        torch.testing.assert_close(layer(x, doc), layer.base(x, doc), rtol=1e-10, atol=1e-10)
+        check_one_segment_is_the_base(make(base, caching, segment_size=32), D)
 
 
 def test_independent_states_are_refused():
