@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FM_PRETRAIN_KERNELS"
-_logged_override: set[str] = set()
+_logged_override: set[tuple[str, str]] = set()  # (value, what) already logged
 
 
 def _interpreting() -> bool:
@@ -38,16 +38,23 @@ def triton_runs_on(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
 
 
+def env_override(requested: str, what: str = "kernel backend") -> str | None:
+    """FM_PRETRAIN_KERNELS=torch|triton, or None where it is unset; logged once per value (every op family that
+    chooses a backend reads it here: the gated kernels, FM's, the gated delta rule's)."""
+    override = os.environ.get(ENV_VAR, "").strip()
+    if not override:
+        return None
+    if override not in ("torch", "triton"):
+        raise ValueError(f"environment variable {ENV_VAR}={override!r}: expected 'torch' or 'triton'")
+    if (override, what) not in _logged_override:
+        _logged_override.add((override, what))
+        log.info("%s=%s overrides the configured %s (%s)", ENV_VAR, override, what, requested)
+    return override
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """`auto` -> `triton` on CUDA when available, else `torch`; FM_PRETRAIN_KERNELS overrides `requested`."""
-    override = os.environ.get(ENV_VAR, "").strip()
-    if override:
-        if override not in ("torch", "triton"):
-            raise ValueError(f"environment variable {ENV_VAR}={override!r}: expected 'torch' or 'triton'")
-        if override not in _logged_override:
-            _logged_override.add(override)
-            log.info("%s=%s overrides the configured kernel backend (%s)", ENV_VAR, override, requested)
-        requested = override
+    requested = env_override(requested) or requested
     if requested not in BACKENDS:
         raise ValueError(f"unknown FM backend '{requested}' (choose from {BACKENDS})")
     if requested == "triton":

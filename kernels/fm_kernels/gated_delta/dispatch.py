@@ -9,30 +9,19 @@ Triton path of this op). Decoding always takes our per-step `gated_delta_step`.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-from ..gated.dispatch import ENV_VAR
+from ..gated.dispatch import env_override
 from .chunk import chunk_gated_delta
 from .fla import INSTALL_HINT, fla_available, fla_chunk_gated_delta
 
-log = logging.getLogger(__name__)
-
 DELTA_BACKENDS = ("auto", "torch", "fla")
-_logged_override: set[str] = set()
 
 
 def resolve_delta_backend(requested: str, device: torch.device) -> str:
     """`auto` -> `fla` on CUDA when fla imports, else `torch`; FM_PRETRAIN_KERNELS=torch|triton overrides."""
-    override = os.environ.get(ENV_VAR, "").strip()
+    override = env_override(requested, "gated delta backend")
     if override:
-        if override not in ("torch", "triton"):
-            raise ValueError(f"environment variable {ENV_VAR}={override!r}: expected 'torch' or 'triton'")
-        if override not in _logged_override:
-            _logged_override.add(override)
-            log.info("%s=%s overrides the configured gated delta backend (%s)", ENV_VAR, override, requested)
         requested = "torch" if override == "torch" else "fla"
     if requested not in DELTA_BACKENDS:
         raise ValueError(f"unknown gated delta backend '{requested}' (choose from {DELTA_BACKENDS})")
