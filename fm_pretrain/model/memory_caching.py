@@ -33,12 +33,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fm_kernels.caching import CachingSpec, caching_step, memory_caching
+from fm_kernels.caching import CachingSpec, caching_step, empty_like, memory_caching, where_rows
 from fm_kernels.fm import fm_log_decay
 from fm_pretrain.config import MemoryCachingConfig
 from fm_pretrain.model.cache import advance, pad_positions
 from fm_pretrain.model.layers.linear_memory import MemoryInputs, identity_at
-from fm_pretrain.model.mom_caching import empty_like, mom_caching_forward, where_rows
+from fm_pretrain.model.mom_caching import mom_caching_forward
 from fm_pretrain.parallel.layers import column_linear, tp_mean
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fm_kernels.caching import MoMCachingState, SharedInputs, mom_caching, mom_caching_step
+from fm_kernels.caching import MoMCachingState, SharedInputs, empty_like, mom_caching, mom_caching_step, where_rows
 from fm_pretrain.model.cache import advance, pad_positions
 
 
@@ -92,22 +92,3 @@ def _steps(mc, x, q, memories, weights, u, desc, doc_ids, cache: dict, pad) -> t
 
 def _clone(st: MoMCachingState) -> MoMCachingState:
     return MoMCachingState(base=st.base, states=st.states.clone(), cached=st.cached)
-
-
-def empty_like(st):
-    """The state of rows that have consumed nothing, with st's shapes: every field zero (cached slots included,
-    position 0), recursively through the nested NamedTuples (`CachingState`, `MoMCachingState`)."""
-    if isinstance(st, tuple):
-        return type(st)._make(empty_like(t) for t in st)
-    return torch.zeros_like(st)
-
-
-def where_rows(mask: torch.Tensor, a, b):
-    """Per row: a where mask (B,) else b, field by field of the (nested) NamedTuple states of Memory Caching
-    (`CachingState`, `MoMCachingState`); cached-state slots (dim 1) are padded to the longer of the two."""
-    if isinstance(a, tuple):
-        return type(a)._make(where_rows(mask, x, y) for x, y in zip(a, b))
-    if a.dim() >= 2 and a.shape[1] != b.shape[1]:
-        n = max(a.shape[1], b.shape[1])
-        a, b = (torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in (a, b))
-    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)

@@ -16,7 +16,7 @@ from .mom import (
 from .naive import AGGREGATIONS, STATE_MODES, CachingSpec, naive_memory_caching
 from .reads import state_reads, state_reads_reference
 from .segments import SEGMENTATIONS, boundaries, segment_sizes
-from .step import cache_bytes, caching_step, empty_state
+from .step import cache_bytes, caching_step, empty_like, empty_state, where_rows
 
 __all__ = [
     "AGGREGATIONS",
@@ -29,6 +29,8 @@ __all__ = [
     "boundaries",
     "cache_bytes",
     "caching_step",
+    "empty_like",
+    "where_rows",
     "empty_mom_state",
     "empty_state",
     "memory_caching",

@@ -117,3 +117,22 @@ def push_completed(cached_states, csum_at, n, spec: CachingSpec, S: torch.Tensor
         cached_states = cached_states.index_put((rows, slot), S[rows])
         csum_at = csum_at.index_put((rows, slot + 1), csum[rows])
     return cached_states, csum_at
+
+
+def empty_like(st):
+    """The state of rows that have consumed nothing, with st's shapes: every field zero (cached slots included,
+    position 0), recursively through the nested NamedTuples (`CachingState`, `mom.MoMCachingState`)."""
+    if isinstance(st, tuple):
+        return type(st)._make(empty_like(t) for t in st)
+    return torch.zeros_like(st)
+
+
+def where_rows(mask: torch.Tensor, a, b):
+    """Per row: a where mask (B,) else b, field by field of the (nested) NamedTuple states of Memory Caching
+    (`CachingState`, `mom.MoMCachingState`); cached-state slots (dim 1) are padded to the longer of the two."""
+    if isinstance(a, tuple):
+        return type(a)._make(where_rows(mask, x, y) for x, y in zip(a, b))
+    if a.dim() >= 2 and a.shape[1] != b.shape[1]:
+        n = max(a.shape[1], b.shape[1])
+        a, b = (torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in (a, b))
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
