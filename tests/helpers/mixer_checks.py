@@ -98,6 +98,26 @@ def check_one_segment_is_the_base(layer: nn.Module, d: int) -> None:
     torch.testing.assert_close(layer(x, doc), layer.base(x, doc), rtol=1e-10, atol=1e-10)
 
 
+def check_caching_decoding(layer: nn.Module, d: int, segmentation: str) -> dict:
+    """A Memory Caching layer with segments of 4 on x (2, 14, d): cached decoding (a prefill then single tokens, and
+    a prefill continued in pieces) == the parallel forward, documents isolated, and while decoding the cache holds
+    one more state per completed segment (log: one per bit level, `segments.n_slots`). Returns the final cache."""
+    from fm_kernels.caching.segments import n_slots
+
+    x = torch.randn(2, 14, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_cached_decoding(layer, x, [6] + [1] * 8, atol=1e-10)
+    check_cached_decoding(layer, x, [5, 3, 1, 5], atol=1e-10)  # a prefill continued in pieces
+    check_document_isolation(layer, x, [5, 1, 8], atol=1e-10)
+    cache: dict = {}
+    layer(x[:, :5], cache=cache)
+    sizes = [cache["mc"].cached.shape[1]]
+    for t in range(5, 14):
+        layer(x[:, t : t + 1], cache=cache)
+        sizes.append(cache["mc"].cached.shape[1])
+    assert sizes == [max(1, n_slots((t + 1) // 4, segmentation)) for t in range(4, 14)]
+    return cache
+
+
 def check_lm_cached_decoding(lm: nn.Module, vocab: int = 64) -> None:
     """A decoder LM fed a prefill of 6 tokens and then 9 single tokens through its per-layer caches gives the
     logits of one parallel forward over the 15 tokens (2 rows)."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fm_kernels.caching import cache_bytes, naive_memory_caching
-from fm_kernels.caching.segments import n_slots
 from fm_pretrain.config import FMConfig, GatedDeltaConfig, GLAConfig, Mamba2Config, MemoryCachingConfig
 from fm_pretrain.model.layers.fm import FactorizationMemory
 from fm_pretrain.model.layers.gated_delta import GatedDeltaNet
@@ -16,8 +15,7 @@ from fm_pretrain.model.layers.mamba2 import Mamba2
 from fm_pretrain.model.memory_caching import MemoryCaching
 from tests.helpers.mixer_checks import (
     check_against_reference,
-    check_cached_decoding,
-    check_document_isolation,
+    check_caching_decoding,
     check_left_padding,
     check_one_segment_is_the_base,
 )
@@ -81,18 +79,7 @@ def test_layer_equals_per_token_reference_with_gradients(base, caching):
 @pytest.mark.parametrize("base,caching", COMBOS)
 def test_cached_decoding_grows_the_cache_and_documents_are_isolated(base, caching):
     layer = make(base, caching).eval()
-    x = torch.randn(2, 14, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    check_cached_decoding(layer, x, [6] + [1] * 8, atol=1e-10)
-    check_cached_decoding(layer, x, [5, 3, 1, 5], atol=1e-10)  # a prefill continued in pieces
-    check_document_isolation(layer, x, [5, 1, 8], atol=1e-10)
-    cache: dict = {}
-    layer(x[:, :5], cache=cache)
-    sizes = [cache["mc"].cached.shape[1]]
-    for t in range(5, 14):
-        layer(x[:, t : t + 1], cache=cache)
-        sizes.append(cache["mc"].cached.shape[1])
-    seg = CACHING[caching].get("segmentation", "constant")  # log: one state per bit level
-    assert sizes == [max(1, n_slots((t + 1) // 4, seg)) for t in range(4, 14)]  # one more per completed segment
+    cache = check_caching_decoding(layer, D, CACHING[caching].get("segmentation", "constant"))
     assert cache_bytes(cache["mc"]) > 0
 
 
